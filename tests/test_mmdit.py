@@ -1,0 +1,199 @@
+"""MMDiT against diffusers' SD3Transformer2DModel (tiny random models, CPU, float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from convert.layout import match, to_flax
+from tsdsr_jax.models import lora
+from tsdsr_jax.models.mmdit import (MMDiT, MMDiTConfig, abstract_params, pos_embed_axes,
+                                    timestep_embedding)
+from tsdsr_jax.tree import flatten, nest
+
+TOL = 1e-5
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                "proj", "linear", "proj_out"]
+TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+            pooled_projection_dim=16, out_channels=6, pos_embed_max_size=16)
+VARIANTS = {
+    "sd3": TINY,
+    "sd35": TINY | dict(pos_embed_max_size=24, dual_attention_layers=(0, 1), qk_norm="rms_norm"),
+}
+SIZES = [(8, 8), (16, 8), (6, 10)]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def shapes_of(tree) -> dict[str, tuple[int, ...]]:
+    return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
+
+
+def tiny_torch(config: dict, seed: int = 0) -> SD3Transformer2DModel:
+    """A tiny diffusers model with every parameter randomised (so zero-inits hide nothing)."""
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    return model
+
+
+def to_tree(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> dict:
+    """torch tensors as our nested tree, checked name by name and shape by shape."""
+    pairs = match(expected, {k: tuple(v.shape) for k, v in tensors.items()}, "test")
+    return nest({path: jnp.asarray(to_flax(path, tensors[name].detach().numpy()))
+                 for path, name in pairs.items()})
+
+
+def base_params(model: SD3Transformer2DModel, cfg: MMDiTConfig) -> dict:
+    sd = {k: v for k, v in model.state_dict().items() if k != "pos_embed.pos_embed"}
+    return to_tree(sd, shapes_of(abstract_params(cfg)))
+
+
+def inputs(cfg: MMDiTConfig, height: int, width: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, height, width, cfg.in_channels), dtype=np.float32)
+    t = np.array([1000.0, 37.5], np.float32)
+    ctx = rng.standard_normal((2, 5, cfg.joint_attention_dim), dtype=np.float32)
+    pooled = rng.standard_normal((2, cfg.pooled_projection_dim), dtype=np.float32)
+    return x, t, ctx, pooled
+
+
+def torch_forward(model: SD3Transformer2DModel, x, t, ctx, pooled) -> np.ndarray:
+    with torch.no_grad():
+        out = model(hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2),
+                    encoder_hidden_states=torch.from_numpy(ctx),
+                    pooled_projections=torch.from_numpy(pooled),
+                    timestep=torch.from_numpy(t)).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def flax_forward(cfg: MMDiTConfig, variables: dict, x, t, ctx, pooled) -> np.ndarray:
+    return np.asarray(MMDiT(cfg).apply(variables, x, t, ctx, pooled))
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_config_from_diffusers():
+    d = {"_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.31.0",
+         **VARIANTS["sd35"], "dual_attention_layers": [0, 1]}
+    cfg = MMDiTConfig.from_diffusers(d, attention_impl="xla")
+    assert cfg.dual_attention_layers == (0, 1) and cfg.attention_impl == "xla"
+    assert MMDiTConfig.from_diffusers(cfg.to_dict()) == cfg
+    assert MMDiTConfig.from_diffusers(cfg.to_dict(), dtype="bfloat16").dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="layer_norm"):
+        MMDiTConfig.from_diffusers(d | {"qk_norm": "layer_norm"})
+    with pytest.raises(ValueError, match="bogus"):
+        MMDiTConfig.from_diffusers(d | {"bogus": 1})
+
+
+@pytest.mark.parametrize("name", ["sd3_medium", "sd35_medium", "sd35_large"])
+def test_full_size_shapes_match_diffusers(name):
+    cfg = getattr(MMDiTConfig, name)()
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**{k: v for k, v in cfg.to_dict().items()
+                                         if k not in ("dtype", "attention_impl")})
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "pos_embed.pos_embed"}
+    expected = shapes_of(abstract_params(cfg))
+    match(expected, sd, name)
+    if name == "sd3_medium":
+        assert sum(int(np.prod(s)) for s in expected.values()) == pytest.approx(2.03e9, rel=0.01)
+
+
+def test_timestep_embedding():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = np.array([0.0, 1.0, 37.5, 500.25, 999.0, 1000.0], np.float32)
+    ref = get_timestep_embedding(torch.from_numpy(t), 256, flip_sin_to_cos=True,
+                                 downscale_freq_shift=0).numpy()
+    out = np.asarray(timestep_embedding(jnp.asarray(t)))
+    # torch's float32 exp is off by an ulp on some frequencies: t * ulp(freq) of phase error
+    assert np.all(np.abs(out - ref) <= 1e-6 + t[:, None] * 2.0 ** -22)
+    np.testing.assert_allclose(out[:2], ref[:2], rtol=0, atol=1e-6)
+
+
+def test_pos_embed_table():
+    """The two axis tables rebuild diffusers' full (max x max) buffer, and its centred crops."""
+    for config in VARIANTS.values():
+        cfg = MMDiTConfig(**config)
+        model = tiny_torch(config)
+        size, d = cfg.pos_embed_max_size, cfg.inner_dim
+        x_emb, y_emb = pos_embed_axes(cfg, size, size)
+        table = np.concatenate([np.broadcast_to(x_emb[None], (size, size, d // 2)),
+                                np.broadcast_to(y_emb[:, None], (size, size, d // 2))], -1)
+        np.testing.assert_array_equal(table.reshape(1, -1, d), model.pos_embed.pos_embed.numpy())
+        for h, w in [(3, 5), (4, 4), (size, 1)]:
+            x_emb, y_emb = pos_embed_axes(cfg, h, w)
+            crop = model.pos_embed.cropped_pos_embed(h * cfg.patch_size, w * cfg.patch_size)
+            crop = crop.numpy().reshape(h, w, d)
+            np.testing.assert_array_equal(crop[0, :, : d // 2], x_emb)
+            np.testing.assert_array_equal(crop[:, 0, d // 2:], y_emb)
+        with pytest.raises(ValueError, match="exceeds"):
+            pos_embed_axes(cfg, size + 1, 1)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_diffusers(variant):
+    cfg = MMDiTConfig(**VARIANTS[variant], attention_impl="xla")
+    model = tiny_torch(VARIANTS[variant])
+    params = base_params(model, cfg)
+    for height, width in SIZES:
+        args = inputs(cfg, height, width)
+        ref = torch_forward(model, *args)
+        out = flax_forward(cfg, {"params": params}, *args)
+        assert out.shape == ref.shape == (2, height, width, cfg.out_channels)
+        err = rel_err(out, ref)
+        print(f"{variant} {height}x{width}: max rel err {err:.2e}")
+        assert err <= TOL, (variant, height, width, err)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lora_matches_peft(variant):
+    from peft import LoraConfig, get_peft_model_state_dict
+    cfg = MMDiTConfig(**VARIANTS[variant], attention_impl="xla")
+    model = tiny_torch(VARIANTS[variant])
+    params = base_params(model, cfg)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    expected = {}
+    for path, (shape_a, shape_b) in lora.adapter_shapes(params, LORA_TARGETS, 4).items():
+        expected |= {f"{path}.lora_A": shape_a, f"{path}.lora_B": shape_b}
+    assert "pos_embed.proj.lora_A" in expected and "norm_out.linear.lora_B" in expected
+    adapter = to_tree(get_peft_model_state_dict(model), expected)
+
+    args = inputs(cfg, 16, 8)
+    ref = torch_forward(model, *args)
+    errors = {
+        "adapter": rel_err(flax_forward(cfg, {"params": params, "lora": adapter}, *args), ref),
+        "merged": rel_err(flax_forward(cfg, {"params": lora.merge(params, adapter)}, *args), ref),
+    }
+    base_change = rel_err(flax_forward(cfg, {"params": params}, *args), ref)
+    print(f"{variant} lora: max rel err {errors}, base vs adapted {base_change:.2e}")
+    assert base_change > 1e-2  # the adapter matters
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_bf16_close_to_fp32():
+    cfg = MMDiTConfig(**VARIANTS["sd35"], attention_impl="xla")
+    params = base_params(tiny_torch(VARIANTS["sd35"]), cfg)
+    args = inputs(cfg, 8, 8)
+    ref = flax_forward(cfg, {"params": params}, *args)
+    bf16 = MMDiTConfig(**VARIANTS["sd35"], dtype=jnp.bfloat16)
+    out = flax_forward(bf16, {"params": params}, *args)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out.astype(np.float32), ref) < 5e-2

@@ -1,0 +1,178 @@
+"""The VAE against diffusers' AutoencoderKL (CPU, float32), with and without an encoder LoRA."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchAutoencoderKL
+from peft import LoraConfig, get_peft_model_state_dict
+
+from convert.layout import match, to_flax
+from tsdsr_jax import tree
+from tsdsr_jax.models import lora
+from tsdsr_jax.models.vae import (AutoencoderKL, VAEConfig, abstract_params, init_params,
+                                  sample_posterior)
+
+TINY = {  # SD3-like: no quant convs, 4 blocks (latents of 24x40 images are 3x5)
+    "block_out_channels": [8, 16, 16, 16], "layers_per_block": 2, "latent_channels": 16,
+    "norm_num_groups": 4, "use_quant_conv": False, "use_post_quant_conv": False}
+TINY_QUANT = {
+    "block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
+    "norm_num_groups": 4, "use_quant_conv": True, "use_post_quant_conv": True,
+    "mid_block_add_attention": False}
+SIZES = [(32, 32), (24, 40)]
+TOL = 1e-5
+
+
+def diffusers_config(d):
+    n = len(d["block_out_channels"])
+    return {**d, "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n, "act_fn": "silu"}
+
+
+def torch_vae(d, seed=0):
+    torch.manual_seed(seed)
+    vae = TorchAutoencoderKL(**diffusers_config(d)).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return vae
+
+
+def convert(expected, tensors):
+    """Torch tensors as our tree; ``expected`` is ``{flax path: shape}``."""
+    pairs = match(expected, {k: tuple(v.shape) for k, v in tensors.items()}, "test")
+    return tree.nest({path: jnp.asarray(to_flax(path, tensors[name].detach().numpy()))
+                      for path, name in pairs.items()})
+
+
+def convert_params(cfg, vae):
+    shapes = {k: v.shape for k, v in tree.flatten(abstract_params(cfg)).items()}
+    return convert(shapes, vae.state_dict())
+
+
+def apply(cfg, variables, x, method):
+    fn = functools.partial(AutoencoderKL(cfg).apply, method=method)
+    return jax.tree.map(np.asarray, jax.jit(fn)(variables, jnp.asarray(x)))
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("d", [TINY, TINY_QUANT], ids=["plain", "quant"])
+def test_encode_decode_match_diffusers(d):
+    cfg = VAEConfig.from_diffusers(diffusers_config(d))
+    vae = torch_vae(d)
+    params = convert_params(cfg, vae)
+    rng = np.random.default_rng(0)
+    for h, w in SIZES:
+        x = rng.uniform(-1, 1, (2, h, w, 3)).astype(np.float32)
+        with torch.no_grad():
+            dist = vae.encode(nchw(x)).latent_dist
+        mean, logvar = apply(cfg, {"params": params}, x, "encode")
+        assert rel_err(mean, nhwc(dist.mean)) <= TOL
+        assert rel_err(logvar, nhwc(dist.logvar)) <= TOL
+
+        z = rng.standard_normal(mean.shape).astype(np.float32)
+        with torch.no_grad():
+            ref = nhwc(vae.decode(nchw(z)).sample)
+        out = apply(cfg, {"params": params}, z, "decode")
+        assert out.shape == (2, h, w, 3)
+        assert rel_err(out, ref) <= TOL
+
+
+def test_encoder_lora_matches_peft():
+    cfg = VAEConfig.from_diffusers(diffusers_config(TINY))
+    vae = torch_vae(TINY, seed=1)
+    params = convert_params(cfg, vae)
+    targets = ["encoder." + name for name, m in vae.encoder.named_modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert set(targets) == {p for p in lora.layer_paths(params) if p.startswith("encoder.")}
+    vae.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                               target_modules=targets))
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    flat = {}
+    for path, (shape_a, shape_b) in lora.adapter_shapes(params, targets, 4).items():
+        flat[path + ".lora_A"], flat[path + ".lora_B"] = shape_a, shape_b
+    adapter = convert(flat, get_peft_model_state_dict(vae))
+
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 24, 40, 3)).astype(np.float32)
+    with torch.no_grad():
+        dist = vae.encode(nchw(x)).latent_dist
+    ref_mean, ref_logvar = nhwc(dist.mean), nhwc(dist.logvar)
+    mean, logvar = apply(cfg, {"params": params, "lora": adapter}, x, "encode")
+    assert rel_err(mean, ref_mean) <= TOL and rel_err(logvar, ref_logvar) <= TOL
+    base_mean, _ = apply(cfg, {"params": params}, x, "encode")
+    assert rel_err(base_mean, ref_mean) > 1e-2  # the adapter matters
+
+    merged_mean, merged_logvar = apply(cfg, {"params": lora.merge(params, adapter)}, x, "encode")
+    assert rel_err(merged_mean, ref_mean) <= TOL and rel_err(merged_logvar, ref_logvar) <= TOL
+
+
+def test_sd3_config_and_lora_targets():
+    cfg = VAEConfig.sd3()
+    params = abstract_params(cfg)
+    assert sum(np.prod(v.shape) for v in jax.tree.leaves(params)) == 83_819_683
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
+    assert "quant_conv" not in params and "post_quant_conv" not in params
+    encoder_layers = [p for p in lora.layer_paths(params) if p.startswith("encoder.")]
+    assert len(encoder_layers) == 31  # SPEC §2: the VAE encoder LoRA targets
+
+
+def test_config_round_trip_and_rejects_unsupported():
+    cfg = VAEConfig.sd3(dtype=jnp.bfloat16)
+    assert VAEConfig.from_diffusers(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    official = {**diffusers_config({**cfg.to_dict(), "dtype": "float32"}), "_class_name":
+                "AutoencoderKL", "_diffusers_version": "0.29.0", "sample_size": 1024,
+                "force_upcast": True, "latents_mean": None, "latents_std": None}
+    assert VAEConfig.from_diffusers(official) == VAEConfig.sd3()
+    with pytest.raises(ValueError, match="act_fn"):
+        VAEConfig.from_diffusers({**official, "act_fn": "gelu"})
+    with pytest.raises(ValueError, match="AttnDownEncoderBlock2D"):
+        VAEConfig.from_diffusers({**official, "down_block_types": ["AttnDownEncoderBlock2D"] * 4})
+    with pytest.raises(ValueError, match="norm_type"):
+        VAEConfig.from_diffusers({**official, "norm_type": "spatial"})
+
+
+def test_bfloat16_stays_close():
+    cfg = VAEConfig.from_diffusers({**diffusers_config(TINY), "dtype": "bfloat16"})
+    vae = torch_vae(TINY)
+    params = convert_params(cfg, vae)
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref_mean = nhwc(vae.encode(nchw(x)).latent_dist.mean)
+        ref_image = nhwc(vae.decode(nchw(ref_mean)).sample)
+    mean, _ = apply(cfg, {"params": params}, x, "encode")
+    image = apply(cfg, {"params": params}, ref_mean, "decode")
+    assert mean.dtype == image.dtype == jnp.bfloat16
+    assert rel_err(mean.astype(np.float32), ref_mean) < 5e-2  # torch in bf16: 1.8e-2, 3.5e-2
+    assert rel_err(image.astype(np.float32), ref_image) < 5e-2  # torch in bf16: 1.8e-2, 3.5e-2
+
+
+def test_init_params_and_posterior_sample():
+    cfg = VAEConfig(block_out_channels=(4,), norm_num_groups=2, latent_channels=2,
+                    mid_block_add_attention=False)  # few leaves: compiling init is slow on CPU
+    params = init_params(jax.random.key(0), cfg)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, abstract_params(cfg))
+    assert set(params) == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+    assert "attentions.0" not in params["encoder"]["mid_block"]
+
+    mean, logvar = jnp.ones((4096,)), jnp.full((4096,), np.log(4.0))
+    z = sample_posterior(jax.random.key(2), mean, logvar)
+    assert abs(float(z.mean()) - 1.0) < 0.1 and abs(float(z.std()) - 2.0) < 0.1

@@ -1,0 +1,388 @@
+"""The SD3 / SD3.5 MMDiT transformer (diffusers' ``SD3Transformer2DModel``) in Flax linen.
+
+Module names are diffusers' names (``transformer_blocks.3.attn.to_q``), so a parameter's dotted
+path is its diffusers state-dict key with ``kernel``/``scale`` for ``weight`` (see
+``convert/layout.py``). Latents are NHWC::
+
+    model = MMDiT(MMDiTConfig.sd3_medium())
+    v = model.apply({'params': params}, latents, timestep, prompt_embeds, pooled_embeds)
+
+Parameters are float32; ``config.dtype`` is the compute dtype. Norm statistics are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsdsr_jax.models.lora import Conv, Dense
+
+PyTree = Any
+
+_QK_NORMS = (None, "rms_norm")
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """diffusers' ``SD3Transformer2DModel`` config (same field names and defaults), plus the
+    compute ``dtype`` and the ``attention_impl`` given to ``jax.nn.dot_product_attention``
+    (None: jax chooses; "xla"; "cudnn")."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    out_channels: int | None = 16
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        set_("dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
+        set_("dtype", jnp.dtype(self.dtype))
+        if self.out_channels is None:
+            set_("out_channels", self.in_channels)
+        if self.qk_norm not in _QK_NORMS:
+            raise ValueError(f"unsupported qk_norm {self.qk_norm!r} (supported: {_QK_NORMS})")
+        if self.pos_embed_max_size is None:
+            raise ValueError("unsupported pos_embed_max_size None (SD3 crops a fixed table)")
+        if self.caption_projection_dim != self.inner_dim:
+            raise ValueError(f"unsupported caption_projection_dim {self.caption_projection_dim}: "
+                             f"joint attention needs heads * head_dim = {self.inner_dim}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"unsupported attention_impl {self.attention_impl!r}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_diffusers(cls, d: Mapping[str, Any], **overrides: Any) -> MMDiTConfig:
+        """From a diffusers ``transformer/config.json`` dict (or :meth:`to_dict`); keys starting
+        with ``_`` are ignored, any other unknown key is a ValueError."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not k.startswith("_")} | overrides
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unsupported MMDiT config keys: {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (dtype as its name) that :meth:`from_diffusers` reads back."""
+        d = dataclasses.asdict(self)
+        d["dual_attention_layers"] = list(self.dual_attention_layers)
+        return d | {"dtype": self.dtype.name}
+
+    @classmethod
+    def sd3_medium(cls, **overrides: Any) -> MMDiTConfig:
+        """stabilityai/stable-diffusion-3-medium-diffusers (about 2.03 B parameters)."""
+        return cls(**(dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                           attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                           caption_projection_dim=1536, pooled_projection_dim=2048,
+                           out_channels=16, pos_embed_max_size=192) | overrides))
+
+    @classmethod
+    def sd35_medium(cls, **overrides: Any) -> MMDiTConfig:
+        """stabilityai/stable-diffusion-3.5-medium: dual attention in blocks 0-12, RMS qk-norm."""
+        return cls.sd3_medium(**(dict(pos_embed_max_size=384, qk_norm="rms_norm",
+                                      dual_attention_layers=tuple(range(13))) | overrides))
+
+    @classmethod
+    def sd35_large(cls, **overrides: Any) -> MMDiTConfig:
+        """stabilityai/stable-diffusion-3.5-large: 38 blocks of 38 heads, RMS qk-norm."""
+        return cls.sd3_medium(**(dict(num_layers=38, num_attention_heads=38,
+                                      caption_projection_dim=2432, qk_norm="rms_norm") | overrides))
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def timestep_embedding(timestep: jax.Array, dim: int = 256) -> jax.Array:
+    """diffusers' sinusoid (flip_sin_to_cos, shift 0): ``[cos(t f), sin(t f)]``, float32.
+
+    The frequencies ``f = 10000^(-i/half)`` are rounded from float64; torch's float32 ``exp`` is
+    off by an ulp for some, which moves ``t f`` by up to ~1e-4 at t = 1000.
+    """
+    half = dim // 2
+    freqs = np.exp(-math.log(10000) * np.arange(half) / half).astype(np.float32)
+    args = timestep.astype(jnp.float32)[:, None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    out = pos.astype(np.float64)[:, None] * omega
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
+
+
+def pos_embed_axes(config: MMDiTConfig, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The centred crop of diffusers' 2-D sin-cos table for ``height x width`` patches, as its two
+    halves: ``x_emb (width, D/2)`` (the first D/2 channels, by column) and ``y_emb (height, D/2)``
+    (the last D/2, by row). Grid positions are ``arange(max) * (sample_size / patch) / max``."""
+    size = config.pos_embed_max_size
+    if height > size or width > size:
+        raise ValueError(f"latent of {height}x{width} patches exceeds pos_embed_max_size {size}")
+    base = config.sample_size // config.patch_size
+    pos = np.arange(size, dtype=np.float32) / np.float32(size / base)
+    top, left = (size - height) // 2, (size - width) // 2
+    half = config.inner_dim // 2
+    return _sincos_1d(half, pos[left:left + width]), _sincos_1d(half, pos[top:top + height])
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - x32.mean(-1, keepdims=True)
+    var = jnp.square(centred).mean(-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis with a ``scale`` parameter, computed in float32."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return (x32 * scale).astype(x.dtype)
+
+
+class _MLP(nn.Module):
+    """``linear_1 -> SiLU -> linear_2`` (TimestepEmbedding, PixArtAlphaTextProjection)."""
+
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.silu(Dense(self.features, dtype=self.dtype, name="linear_1")(x))
+        return Dense(self.features, dtype=self.dtype, name="linear_2")(x)
+
+
+class _TimeTextEmbed(nn.Module):
+    """``temb = MLP(sinusoid(t)) + MLP(pooled)`` (CombinedTimestepTextProjEmbeddings)."""
+
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, timestep: jax.Array, pooled: jax.Array) -> jax.Array:
+        t = timestep_embedding(timestep).astype(self.dtype)
+        return (_MLP(self.features, self.dtype, name="timestep_embedder")(t)
+                + _MLP(self.features, self.dtype, name="text_embedder")(pooled))
+
+
+class _PatchEmbed(nn.Module):
+    """Patchify conv ``proj`` (NHWC -> (B, h*w, D) tokens) plus the cropped position table."""
+
+    config: MMDiTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        p = cfg.patch_size
+        y = Conv(cfg.inner_dim, (p, p), (p, p), dtype=cfg.dtype, name="proj")(x)
+        b, h, w, d = y.shape
+        x_emb, y_emb = pos_embed_axes(cfg, h, w)
+        pos = jnp.concatenate([jnp.broadcast_to(x_emb[None], (h, w, d // 2)),
+                               jnp.broadcast_to(y_emb[:, None], (h, w, d // 2))], axis=-1)
+        return (y + pos).astype(y.dtype).reshape(b, h * w, d)
+
+
+class _AdaLNZero(nn.Module):
+    """``norm1`` / ``norm1_context``: LayerNorm(x) and ``chunks`` modulation vectors from
+    ``linear(silu(temb))`` (6: shift, scale, gate for attention and MLP; 9 adds attn2's)."""
+
+    chunks: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        emb = Dense(self.chunks * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
+        return _layer_norm(x), jnp.split(emb, self.chunks, axis=-1)
+
+
+class _AdaLNContinuous(nn.Module):
+    """``norm_out`` / last ``norm1_context``: LayerNorm(x) modulated by ``(scale, shift)`` — this
+    order, unlike AdaLN-Zero's ``(shift, scale, ...)``."""
+
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        emb = Dense(2 * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
+        scale, shift = jnp.split(emb, 2, axis=-1)
+        return _modulate(_layer_norm(x), shift, scale)
+
+
+class _GELUProj(nn.Module):
+    """``net.0`` of a FeedForward: Dense ``proj`` then tanh-GELU."""
+
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.gelu(Dense(self.features, dtype=self.dtype, name="proj")(x), approximate=True)
+
+
+class _FeedForward(nn.Module):
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        x = _GELUProj(4 * dim, self.dtype, name="net.0")(x)
+        return Dense(dim, dtype=self.dtype, name="net.2")(x)
+
+
+class _Attention(nn.Module):
+    """diffusers' ``Attention`` with the joint processor. Image tokens use ``to_q/k/v``; with a
+    context, its tokens use ``add_{q,k,v}_proj`` and join the same softmax. The context output
+    goes through ``to_add_out`` unless ``context_pre_only`` (then it is dropped)."""
+
+    config: MMDiTConfig
+    context_pre_only: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None
+                 ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+        cfg = self.config
+        dense = functools.partial(Dense, cfg.inner_dim, dtype=cfg.dtype)
+
+        def qkv(tokens, names, norms):
+            q, k, v = (dense(name=n)(tokens).reshape(*tokens.shape[:2], cfg.num_attention_heads, -1)
+                       for n in names)
+            if cfg.qk_norm:
+                q, k = RMSNorm(name=norms[0])(q), RMSNorm(name=norms[1])(k)
+            return q, k, v
+
+        q, k, v = qkv(x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
+        if context is not None:
+            cq, ck, cv = qkv(context, ("add_q_proj", "add_k_proj", "add_v_proj"),
+                             ("norm_added_q", "norm_added_k"))
+            q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
+        out = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention_impl)
+        out = out.reshape(*out.shape[:2], cfg.inner_dim)
+        n = x.shape[1]
+        x_out = dense(name="to_out.0")(out[:, :n])
+        if context is None:
+            return x_out
+        return x_out, None if self.context_pre_only else dense(name="to_add_out")(out[:, n:])
+
+
+class JointTransformerBlock(nn.Module):
+    """One MMDiT block: AdaLN-Zero on both streams, joint attention, gated MLPs. The
+    ``context_pre_only`` (last) block only reads the context and returns ``None`` for it;
+    ``dual_attention`` (SD3.5) adds ``attn2``, self-attention over the image tokens."""
+
+    config: MMDiTConfig
+    context_pre_only: bool = False
+    dual_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array, temb: jax.Array
+                 ) -> tuple[jax.Array | None, jax.Array]:
+        cfg = self.config
+        x_norm, mods = _AdaLNZero(9 if self.dual_attention else 6, cfg.dtype, name="norm1")(x, temb)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        if self.context_pre_only:
+            c_in = _AdaLNContinuous(cfg.dtype, name="norm1_context")(context, temb)
+        else:
+            c_norm, c_mods = _AdaLNZero(6, cfg.dtype, name="norm1_context")(context, temb)
+            c_in = _modulate(c_norm, c_mods[0], c_mods[1])
+
+        attn = _Attention(cfg, self.context_pre_only, name="attn")
+        x_attn, c_attn = attn(_modulate(x_norm, shift_msa, scale_msa), c_in)
+        x = x + gate_msa[:, None] * x_attn
+        if self.dual_attention:
+            shift2, scale2, gate2 = mods[6:]
+            attn2 = _Attention(cfg, name="attn2")
+            x = x + gate2[:, None] * attn2(_modulate(x_norm, shift2, scale2))
+        ff = _FeedForward(cfg.dtype, name="ff")(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp[:, None] * ff
+        if self.context_pre_only:
+            return None, x
+
+        _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods
+        context = context + c_gate_msa[:, None] * c_attn
+        c_ff = _FeedForward(cfg.dtype, name="ff_context")(
+            _modulate(_layer_norm(context), c_shift_mlp, c_scale_mlp))
+        return context + c_gate_mlp[:, None] * c_ff, x
+
+
+class MMDiT(nn.Module):
+    """``SD3Transformer2DModel``: ``(B,H,W,C) latents, (B,) timesteps, (B,L,joint_attention_dim)
+    prompt embeddings, (B,pooled_projection_dim) pooled embeddings -> (B,H,W,out_channels)`` in
+    ``config.dtype``. H and W are latent pixels (patchified inside)."""
+
+    config: MMDiTConfig
+
+    @nn.compact
+    def __call__(self, hidden_states: jax.Array, timestep: jax.Array,
+                 encoder_hidden_states: jax.Array, pooled_projections: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, height, width, _ = hidden_states.shape
+        p = cfg.patch_size
+        x = _PatchEmbed(cfg, name="pos_embed")(hidden_states)
+        temb = _TimeTextEmbed(cfg.inner_dim, cfg.dtype, name="time_text_embed")(
+            timestep, pooled_projections)
+        context = Dense(cfg.caption_projection_dim, dtype=cfg.dtype, name="context_embedder")(
+            encoder_hidden_states)
+        for i in range(cfg.num_layers):
+            block = JointTransformerBlock(cfg, context_pre_only=i == cfg.num_layers - 1,
+                                          dual_attention=i in cfg.dual_attention_layers,
+                                          name=f"transformer_blocks.{i}")
+            context, x = block(x, context, temb)
+        x = _AdaLNContinuous(cfg.dtype, name="norm_out")(x, temb)
+        x = Dense(p * p * cfg.out_channels, dtype=cfg.dtype, name="proj_out")(x)
+        h, w = height // p, width // p
+        x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, h * p, w * p, cfg.out_channels)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _dummy_inputs(config: MMDiTConfig) -> tuple[jax.Array, ...]:
+    p = config.patch_size
+    return (jnp.zeros((1, p, p, config.in_channels)), jnp.zeros((1,)),
+            jnp.zeros((1, 1, config.joint_attention_dim)),
+            jnp.zeros((1, config.pooled_projection_dim)))
+
+
+def init_params(rng: jax.Array, config: MMDiTConfig) -> PyTree:
+    """Randomly initialised float32 parameters (flax default initialisers)."""
+    return MMDiT(config).init(rng, *_dummy_inputs(config))["params"]
+
+
+def abstract_params(config: MMDiTConfig) -> PyTree:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    return jax.eval_shape(functools.partial(init_params, config=config), jax.random.key(0))

@@ -1,0 +1,291 @@
+"""The SD3 VAE: diffusers' ``AutoencoderKL`` in Flax linen, NHWC.
+
+Module names are diffusers' (``encoder.down_blocks.0.resnets.1.conv1``, see :mod:`tsdsr_jax.tree`),
+so a diffusers state dict converts leaf by leaf. Every Conv/Dense takes a LoRA update from the
+``lora`` collection. ``encode``/``decode`` apply no ``scaling_factor``/``shift_factor``; callers do::
+
+    vae = AutoencoderKL(config)
+    mean, logvar = vae.apply({'params': params}, image, method='encode')
+    image = vae.apply({'params': params}, latent, method='decode')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tsdsr_jax.models.lora import Conv, Dense
+
+Dtype = Any
+PyTree = Any
+
+EPS = 1e-6  # every GroupNorm of diffusers' VAE
+_IGNORED_KEYS = {"sample_size", "force_upcast", "latents_mean", "latents_std"}
+_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers' ``AutoencoderKL`` config (same names and defaults) plus the compute ``dtype``."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+
+    @classmethod
+    def sd3(cls, dtype: Dtype = jnp.float32) -> VAEConfig:
+        """The Stable Diffusion 3 VAE."""
+        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                   latent_channels=16, norm_num_groups=32, scaling_factor=1.5305,
+                   shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+                   dtype=dtype)
+
+    @classmethod
+    def from_diffusers(cls, d: Mapping[str, Any]) -> VAEConfig:
+        """A config from diffusers' ``config.json`` (or :meth:`to_dict`); rejects what we lack."""
+        kwargs = {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key, value in d.items():
+            if key.startswith("_") or key in _IGNORED_KEYS:
+                continue
+            if key == "act_fn":
+                if value not in ("silu", "swish"):
+                    raise ValueError(f"unsupported act_fn {value!r}: only 'silu'")
+            elif key in _BLOCK_TYPES:
+                if any(t != _BLOCK_TYPES[key] for t in value):
+                    raise ValueError(f"unsupported {key} {list(value)}: only {_BLOCK_TYPES[key]}")
+            elif key in fields:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"unsupported AutoencoderKL config key {key!r}")
+        config = cls(**kwargs)
+        for key in _BLOCK_TYPES.keys() & d.keys():
+            if len(d[key]) != len(config.block_out_channels):
+                raise ValueError(f"{len(d[key])} {key} for {len(config.block_out_channels)} "
+                                 "block_out_channels")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (``dtype`` as its name)."""
+        return dataclasses.asdict(self) | {"dtype": self.dtype.name,
+                                           "block_out_channels": list(self.block_out_channels)}
+
+
+class GroupNorm(nn.Module):
+    """torch ``GroupNorm`` over NHWC; statistics in float32, output in the input's dtype."""
+
+    num_groups: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        h = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = h.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(h - mean).mean(axis=(1, 3), keepdims=True)
+        h = ((h - mean) * jax.lax.rsqrt(var + EPS)).reshape(x.shape)
+        return (h * scale + bias).astype(x.dtype)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ``ResnetBlock2D`` without a time embedding."""
+
+    features: int
+    groups: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.silu(GroupNorm(self.groups, name="norm1")(x))
+        h = Conv(self.features, padding=1, dtype=self.dtype, name="conv1")(h)
+        h = nn.silu(GroupNorm(self.groups, name="norm2")(h))
+        h = Conv(self.features, padding=1, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.features:
+            x = Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """The VAE mid-block self-attention: one head over all H·W positions, residual."""
+
+    groups: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, height, width, c = x.shape
+        h = GroupNorm(self.groups, name="group_norm")(x).reshape(b, height * width, c)
+        q, k, v = (Dense(c, dtype=self.dtype, name=name)(h) for name in ("to_q", "to_k", "to_v"))
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * c ** -0.5, axis=-1).astype(v.dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v, preferred_element_type=jnp.float32)
+        h = Dense(c, dtype=self.dtype, name="to_out.0")(h.astype(v.dtype))
+        return x + h.reshape(x.shape)
+
+
+class Downsample(nn.Module):
+    """Pad bottom/right by one, then a 3x3 stride-2 conv (diffusers' ``Downsample2D``, padding 0)."""
+
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return Conv(x.shape[-1], strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype,
+                    name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return Conv(x.shape[-1], padding=1, dtype=self.dtype, name="conv")(x)
+
+
+class MidBlock(nn.Module):
+    """ResNet, optional attention, ResNet (diffusers' ``UNetMidBlock2D``)."""
+
+    groups: int
+    add_attention: bool
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x = ResnetBlock(c, self.groups, self.dtype, name="resnets.0")(x)
+        if self.add_attention:
+            x = Attention(self.groups, self.dtype, name="attentions.0")(x)
+        return ResnetBlock(c, self.groups, self.dtype, name="resnets.1")(x)
+
+
+class ResnetStack(nn.Module):
+    """``DownEncoderBlock2D`` / ``UpDecoderBlock2D``: ResNets, then an optional resampler."""
+
+    features: int
+    num_layers: int
+    groups: int
+    resample: str | None  # "down", "up" or None
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers):
+            x = ResnetBlock(self.features, self.groups, self.dtype, name=f"resnets.{i}")(x)
+        if self.resample == "down":
+            x = Downsample(self.dtype, name="downsamplers.0")(x)
+        elif self.resample == "up":
+            x = Upsample(self.dtype, name="upsamplers.0")(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Image (N, H, W, in_channels) -> posterior moments (N, H/f, W/f, 2·latent_channels)."""
+
+    config: VAEConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dtype = self.config, self.config.dtype
+        channels = cfg.block_out_channels
+        x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(x)
+        for i, c in enumerate(channels):
+            x = ResnetStack(c, cfg.layers_per_block, cfg.norm_num_groups,
+                            "down" if i < len(channels) - 1 else None, dtype,
+                            name=f"down_blocks.{i}")(x)
+        x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
+        return Conv(2 * cfg.latent_channels, padding=1, dtype=dtype, name="conv_out")(x)
+
+
+class Decoder(nn.Module):
+    """Latent (N, h, w, latent_channels) -> image (N, h·f, w·f, out_channels)."""
+
+    config: VAEConfig
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg, dtype = self.config, self.config.dtype
+        channels = cfg.block_out_channels[::-1]
+        x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(z)
+        x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
+        for i, c in enumerate(channels):
+            x = ResnetStack(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
+                            "up" if i < len(channels) - 1 else None, dtype,
+                            name=f"up_blocks.{i}")(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
+        return Conv(cfg.out_channels, padding=1, dtype=dtype, name="conv_out")(x)
+
+
+class AutoencoderKL(nn.Module):
+    """The KL autoencoder; ``encode`` and ``decode`` are separate methods (``apply(method=...)``)."""
+
+    config: VAEConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        latent = cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = (Conv(2 * latent, (1, 1), dtype=cfg.dtype)
+                           if cfg.use_quant_conv else None)
+        self.post_quant_conv = (Conv(latent, (1, 1), dtype=cfg.dtype)
+                                if cfg.use_post_quant_conv else None)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Image in [-1, 1], NHWC -> the posterior's ``(mean, logvar)``, logvar in [-30, 20]."""
+        h = self.encoder(x)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = jnp.split(h, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Latent (unscaled), NHWC -> image."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Reconstruction through the posterior mean (also what ``init`` traces)."""
+        return self.decode(self.encode(x)[0])
+
+
+def sample_posterior(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """A draw ``mean + exp(logvar / 2) · N(0, 1)`` from the diagonal Gaussian posterior."""
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+def init_params(rng: jax.Array, config: VAEConfig) -> PyTree:
+    """Freshly initialised float32 parameters."""
+    size = 2 ** (len(config.block_out_channels) - 1)
+    x = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
+    return jax.jit(AutoencoderKL(config).init)(rng, x)["params"]
+
+
+def abstract_params(config: VAEConfig) -> PyTree:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating."""
+    return jax.eval_shape(functools.partial(init_params, config=config), jax.random.key(0))
