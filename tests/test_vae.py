@@ -138,9 +138,15 @@ def test_sd3_config_and_lora_targets():
 def test_config_round_trip_and_rejects_unsupported():
     cfg = VAEConfig.sd3(dtype=jnp.bfloat16)
     assert VAEConfig.from_diffusers(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    official = {**diffusers_config({**cfg.to_dict(), "dtype": "float32"}), "_class_name":
-                "AutoencoderKL", "_diffusers_version": "0.29.0", "sample_size": 1024,
-                "force_upcast": True, "latents_mean": None, "latents_std": None}
+    official = {  # stabilityai/stable-diffusion-3-medium-diffusers vae/config.json
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.29.0.dev0", "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512], "down_block_types": [
+            "DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3,
+        "latent_channels": 16, "latents_mean": None, "latents_std": None,
+        "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024,
+        "scaling_factor": 1.5305, "shift_factor": 0.0609,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "use_post_quant_conv": False,
+        "use_quant_conv": False}
     assert VAEConfig.from_diffusers(official) == VAEConfig.sd3()
     with pytest.raises(ValueError, match="act_fn"):
         VAEConfig.from_diffusers({**official, "act_fn": "gelu"})
@@ -161,8 +167,9 @@ def test_bfloat16_stays_close():
     mean, _ = apply(cfg, {"params": params}, x, "encode")
     image = apply(cfg, {"params": params}, ref_mean, "decode")
     assert mean.dtype == image.dtype == jnp.bfloat16
-    assert rel_err(mean.astype(np.float32), ref_mean) < 5e-2  # torch in bf16: 1.8e-2, 3.5e-2
-    assert rel_err(image.astype(np.float32), ref_image) < 5e-2  # torch in bf16: 1.8e-2, 3.5e-2
+    # measured 2.4e-2 and 1.9e-2; diffusers itself in bf16 is off by 1.8e-2 and 3.5e-2
+    assert rel_err(mean.astype(np.float32), ref_mean) < 5e-2
+    assert rel_err(image.astype(np.float32), ref_image) < 5e-2
 
 
 def test_init_params_and_posterior_sample():

@@ -2,7 +2,7 @@
 
 Module names are diffusers' (``encoder.down_blocks.0.resnets.1.conv1``, see :mod:`tsdsr_jax.tree`),
 so a diffusers state dict converts leaf by leaf. Every Conv/Dense takes a LoRA update from the
-``lora`` collection. ``encode``/``decode`` apply no ``scaling_factor``/``shift_factor``; callers do::
+``lora`` collection. ``encode``/``decode`` apply no scaling_factor/shift_factor; callers do::
 
     vae = AutoencoderKL(config)
     mean, logvar = vae.apply({'params': params}, image, method='encode')
@@ -145,7 +145,7 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Pad bottom/right by one, then a 3x3 stride-2 conv (diffusers' ``Downsample2D``, padding 0)."""
+    """Pad bottom/right by one, then a 3x3 stride-2 conv (``Downsample2D`` with padding 0)."""
 
     dtype: Dtype
 
@@ -241,7 +241,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """The KL autoencoder; ``encode`` and ``decode`` are separate methods (``apply(method=...)``)."""
+    """The KL autoencoder; ``encode`` and ``decode`` are methods for ``apply(method=...)``."""
 
     config: VAEConfig
 
