@@ -1,18 +1,30 @@
-# Set-up and the main jobs. `make test` on a fresh machine builds .venv and runs the suite.
+# Set-up and the main jobs; each target builds .venv on first use.
+#   make demo    super-resolve the bundled photos (tiny random model unless MODEL=dir)
+#   make test    the test suite (installs the PyTorch references too)
+# On a GPU machine add EXTRAS=cuda (installs jax[cuda12]).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+EXTRAS ?=
+MODEL ?= tiny
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch for the reference tests (install it first so nothing pulls a CUDA build).
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	touch $@
 
-.PHONY: setup test
-setup: $(VENV)/.installed
+$(VENV)/.test: $(VENV)/.runtime
+	# The CPU build of torch for the reference tests (first, so nothing pulls a CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test$(if $(EXTRAS),$(comma)$(EXTRAS))]'
+	touch $@
 
-test: $(VENV)/.installed
+comma := ,
+
+.PHONY: demo test
+demo: $(VENV)/.runtime
+	$(PY) infer.py --model $(MODEL) -i tests/data -o outputs/demo --compare
+
+test: $(VENV)/.test
 	$(PY) -m pytest -q

@@ -19,7 +19,7 @@ STUDENT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj
 TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                         caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-                        pos_embed_max_size=16)
+                        pos_embed_max_size=64)
 TINY_SD35 = TINY_TRANSFORMER | dict(qk_norm="rms_norm", dual_attention_layers=(0,))
 TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),

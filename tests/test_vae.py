@@ -183,3 +183,13 @@ def test_init_params_and_posterior_sample():
     mean, logvar = jnp.ones((4096,)), jnp.full((4096,), np.log(4.0))
     z = sample_posterior(jax.random.key(2), mean, logvar)
     assert abs(float(z.mean()) - 1.0) < 0.1 and abs(float(z.std()) - 2.0) < 0.1
+
+
+def test_query_chunked_attention_is_exact():
+    """The chunked path (used beyond QUERY_CHUNK tokens, e.g. 1024² images) equals one block."""
+    from tsdsr_jax.models.vae import single_head_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 100, 8)) for i in range(3))
+    whole = single_head_attention(q, k, v, query_chunk=100)
+    chunked = single_head_attention(q, k, v, query_chunk=32)  # 4 chunks, the last padded
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)

@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsdsr_jax.models import mmdit, vae
 from tsdsr_jax.models.mmdit import MMDiTConfig
-from tsdsr_jax.models.mmdit import abstract_params as mmdit_abstract_params
 from tsdsr_jax.models.vae import VAEConfig
-from tsdsr_jax.models.vae import abstract_params as vae_abstract_params
 from tsdsr_jax.safetensors_io import SafeTensors, SafetensorsError
 from tsdsr_jax.tree import flatten, nest
 
@@ -35,9 +34,6 @@ FORMAT = "tsdsr-jax-model"
 VERSION = 1
 CONFIG = "config.json"
 EMBEDDINGS = "embeddings.safetensors"
-# Which network each adapter adapts.
-ADAPTER_NETWORKS = {"student": "transformer", "student_vae": "vae", "teacher": "transformer",
-                    "fake_score": "transformer"}
 
 
 def network_file(network: str) -> str:
@@ -64,11 +60,11 @@ class Model:
     embeddings: dict[str, dict[str, jax.Array]]  # {'default': {'prompt_embeds': ...}, ...}
 
 
-def write_config(path: Path, transformer: MMDiTConfig, vae: VAEConfig,
+def write_config(path: Path, transformer_config: MMDiTConfig, vae_config: VAEConfig,
                  adapters: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
     """Writes ``config.json``; ``adapters`` maps each adapter name to ``{'rank': r, ...}``."""
-    config = {"format": FORMAT, "version": VERSION, "transformer": transformer.to_dict(),
-              "vae": vae.to_dict(), "adapters": adapters, **(extra or {})}
+    config = {"format": FORMAT, "version": VERSION, "transformer": transformer_config.to_dict(),
+              "vae": vae_config.to_dict(), "adapters": adapters, **(extra or {})}
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -114,8 +110,8 @@ def load(path: str | os.PathLike, dtype: Any = None, adapters: tuple[str, ...] |
     config = read_config(path)
     transformer_config = MMDiTConfig.from_diffusers(config["transformer"])
     vae_config = VAEConfig.from_diffusers(config["vae"])
-    abstract = {"transformer": mmdit_abstract_params(transformer_config),
-                "vae": vae_abstract_params(vae_config)}
+    abstract = {"transformer": mmdit.abstract_params(transformer_config),
+                "vae": vae.abstract_params(vae_config)}
     params = {net: _load_tree(path / network_file(net), flatten(tree), dtype)
               for net, tree in abstract.items()}
     names = tuple(config["adapters"]) if adapters is None else adapters
@@ -131,3 +127,25 @@ def load(path: str | os.PathLike, dtype: Any = None, adapters: tuple[str, ...] |
             prompt, _, field = key.partition(".")
             embeddings.setdefault(prompt, {})[field] = jnp.asarray(value, jnp.float32)
     return Model(path, transformer_config, vae_config, params, loaded, embeddings)
+
+
+# A tiny random model with the SD3 structure (VAE factor 8, 16-channel latents), for demos and
+# tests on machines without the SD3 weights. Its outputs are not super-resolved images.
+TINY_TRANSFORMER = MMDiTConfig(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+                               attention_head_dim=16, num_attention_heads=2,
+                               joint_attention_dim=32, caption_projection_dim=32,
+                               pooled_projection_dim=32, out_channels=16, pos_embed_max_size=96)
+TINY_VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=16,
+                     norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0,
+                     use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny(seed: int = 0, prompt_len: int = 8) -> Model:
+    """The built-in tiny random model (``--model tiny``)."""
+    k_t, k_v, k_p, k_q = jax.random.split(jax.random.key(seed), 4)
+    params = {"transformer": mmdit.init_params(k_t, TINY_TRANSFORMER),
+              "vae": vae.init_params(k_v, TINY_VAE)}
+    embeddings = {"default": {
+        "prompt_embeds": jax.random.normal(k_p, (prompt_len, TINY_TRANSFORMER.joint_attention_dim)),
+        "pooled_prompt_embeds": jax.random.normal(k_q, (TINY_TRANSFORMER.pooled_projection_dim,))}}
+    return Model(Path("tiny"), TINY_TRANSFORMER, TINY_VAE, params, {}, embeddings)

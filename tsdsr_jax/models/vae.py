@@ -91,21 +91,32 @@ class VAEConfig:
                                            "block_out_channels": list(self.block_out_channels)}
 
 
+def group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """Per-sample, per-group float32 ``(mean, var)`` of NHWC ``x``, each (N, num_groups)."""
+    h = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+    mean = h.mean(axis=(1, 3))
+    return mean, jnp.square(h - mean[:, None, :, None]).mean(axis=(1, 3))
+
+
 class GroupNorm(nn.Module):
-    """torch ``GroupNorm`` over NHWC; statistics in float32, output in the input's dtype."""
+    """torch ``GroupNorm`` over NHWC; statistics in float32, output in the input's dtype.
+
+    ``stats``, a given ``(mean, var)`` pair shaped like :func:`group_moments`' result, replaces
+    the input's own statistics (the tiled VAE of :mod:`tsdsr_jax.tiling` passes global ones).
+    """
 
     num_groups: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array,
+                 stats: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
+        mean, var = group_moments(x, self.num_groups) if stats is None else stats
         h = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = h.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(h - mean).mean(axis=(1, 3), keepdims=True)
-        h = ((h - mean) * jax.lax.rsqrt(var + EPS)).reshape(x.shape)
-        return (h * scale + bias).astype(x.dtype)
+        h = (h - mean[:, None, :, None]) * jax.lax.rsqrt(var[:, None, :, None] + EPS)
+        return (h.reshape(x.shape) * scale + bias).astype(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -126,6 +137,28 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+QUERY_CHUNK = 4096  # queries per step of the VAE attention: bounds its logits' memory
+
+
+def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          query_chunk: int = QUERY_CHUNK) -> jax.Array:
+    """softmax(q kᵀ / √c) v over (B, T, C), float32 logits; queries in chunks of
+    ``query_chunk`` (one at a time, exact) so that memory grows as T·chunk, not T²."""
+    def attend(q_chunk: jax.Array) -> jax.Array:
+        logits = jnp.einsum("bqc,bkc->bqk", q_chunk, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
+        return jnp.einsum("bqk,bkc->bqc", weights, v, preferred_element_type=jnp.float32)
+
+    b, t, c = q.shape
+    if t <= query_chunk:
+        return attend(q)
+    n = -(-t // query_chunk)
+    chunks = jnp.pad(q, ((0, 0), (0, n * query_chunk - t), (0, 0)))
+    chunks = chunks.reshape(b, n, query_chunk, c).swapaxes(0, 1)
+    out = jax.lax.map(attend, chunks).swapaxes(0, 1)
+    return out.reshape(b, n * query_chunk, c)[:, :t]
+
+
 class Attention(nn.Module):
     """The VAE mid-block self-attention: one head over all H·W positions, residual."""
 
@@ -137,9 +170,7 @@ class Attention(nn.Module):
         b, height, width, c = x.shape
         h = GroupNorm(self.groups, name="group_norm")(x).reshape(b, height * width, c)
         q, k, v = (Dense(c, dtype=self.dtype, name=name)(h) for name in ("to_q", "to_k", "to_v"))
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * c ** -0.5, axis=-1).astype(v.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v, preferred_element_type=jnp.float32)
+        h = single_head_attention(q, k, v)
         h = Dense(c, dtype=self.dtype, name="to_out.0")(h.astype(v.dtype))
         return x + h.reshape(x.shape)
 

@@ -1,0 +1,94 @@
+"""Inference speed: the jitted one-step pipeline, ms per image, first-call time, peak memory.
+
+    python bench/infer.py                 # full-size SD3-medium + SD3 VAE, random weights (GPU)
+    python bench/infer.py --tiny          # the tiny random model, small sizes (checks the script)
+
+Times ``Pipeline.network`` (bicubic ×4 → encode → one transformer step → decode, LoRA merged)
+on device arrays, as the PyTorch references in ../shared/bench do; prints one table. Run those
+references in the same GPU call (bench/RESULTS.md has the command) and report the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsdsr_jax import model_dir
+from tsdsr_jax.models import mmdit, vae
+from tsdsr_jax.pipeline import InferenceConfig, Pipeline
+
+FULL = [  # (case, batch, LR side, pipeline options)
+    ("512² b1", 1, 128, {}),
+    ("512² b8", 8, 128, {}),
+    ("1024² b1", 1, 256, {}),
+    ("2048² b1 tiled", 1, 512, {"vae_encoder_tile": 1024, "vae_decoder_tile": 128}),
+]
+TINY = [("128² b1", 1, 32, {}), ("128² b4", 4, 32, {}),
+        ("256² b1 tiled", 1, 64, {"latent_tile": 16, "vae_encoder_tile": 128,
+                                  "vae_decoder_tile": 16})]
+
+
+def random_model(tiny: bool, prompt_len: int = 333) -> model_dir.Model:
+    """Random weights at the real sizes (or the tiny model)."""
+    if tiny:
+        return model_dir.tiny()
+    t_cfg, v_cfg = mmdit.MMDiTConfig.sd3_medium(), vae.VAEConfig.sd3()
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"transformer": mmdit.init_params(k[0], t_cfg), "vae": vae.init_params(k[1], v_cfg)}
+    emb = {"default": {"prompt_embeds": jax.random.normal(k[2], (prompt_len, 4096)),
+                       "pooled_prompt_embeds": jax.random.normal(k[3], (2048,))}}
+    return model_dir.Model(None, t_cfg, v_cfg, params, {}, emb)
+
+
+def median_ms(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        tic = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - tic) * 1e3)
+    return float(np.median(times))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--attention", default=None, help="xla | cudnn (default: JAX's choice)")
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    model = random_model(args.tiny)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}; jax {jax.__version__}; precision {args.precision}")
+    print("| case | ms/image | ms/batch | first call s | second call s | memory GB | TFLOP/image | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, batch, side, options in (TINY if args.tiny else FULL):
+        pipe = Pipeline(model, InferenceConfig(precision=args.precision, vae_posterior="sample",
+                                               attention_impl=args.attention, **options))
+        lr = jax.random.uniform(jax.random.key(1), (batch, side, side, 3))
+        rng = jax.random.key(2)
+        size = (4 * side, 4 * side)
+        call = lambda: pipe.network(pipe.params, lr, rng, size)  # noqa: E731
+        tic = time.perf_counter()
+        jax.block_until_ready(call())
+        first = time.perf_counter() - tic
+        tic = time.perf_counter()
+        jax.block_until_ready(call())
+        second = time.perf_counter() - tic
+        ms = median_ms(call, args.iters)
+        compiled = pipe.network.lower(pipe.params, lr, rng, size).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        tflop = float(cost.get("flops", 0.0)) / 1e12 / batch if cost else float("nan")
+        mem = compiled.memory_analysis()  # weights + inputs + outputs + XLA's scratch
+        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes) / 2**30 if mem else float("nan")
+        print(f"| {name} | {ms / batch:.2f} | {ms:.2f} | {first:.1f} | {second:.2f} | {peak:.2f} "
+              f"| {tflop:.2f} | {tflop * batch / (ms / 1e3):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

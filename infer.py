@@ -1,0 +1,127 @@
+"""One-step TSD-SR super-resolution of a photo or a folder of photos.
+
+    python infer.py --model MODEL_DIR -i INPUT -o OUTDIR [--color-fix wavelet|adain|none] ...
+    python infer.py --model tiny -i tests/data -o outputs     # no weights: a tiny random model
+
+MODEL_DIR comes from `python -m convert`. Outputs are PNGs named after the inputs. Unreadable
+inputs are reported and skipped; the exit code is then non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from tsdsr_jax import model_dir
+from tsdsr_jax.images import ImageError, list_images, load_image, save_png
+from tsdsr_jax.pipeline import PRECISIONS, InferenceConfig, Pipeline
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True,
+                   help="model directory from `python -m convert`, or 'tiny' (random weights)")
+    p.add_argument("-i", "--input", type=Path, required=True, help="an image or a folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--upscale", type=int, default=4)
+    p.add_argument("--process-size", type=int, default=512)
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
+    p.add_argument("--vae", choices=["sample", "mean"], default="sample",
+                   help="posterior sample (official) or its mean (deterministic)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
+    p.add_argument("--batch-size", type=int, default=1, help="images of one size per call")
+    p.add_argument("--latent-tile", type=int, default=64)
+    p.add_argument("--latent-overlap", type=int, default=8)
+    p.add_argument("--vae-encoder-tile", type=int, default=None,
+                   help="tile the VAE encoder (image pixels), for very large images")
+    p.add_argument("--vae-decoder-tile", type=int, default=None,
+                   help="tile the VAE decoder (latent pixels), for very large images")
+    p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
+                   help="attention kernel (default: JAX's choice)")
+    p.add_argument("--compare", action="store_true",
+                   help="also write OUTDIR/compare/NAME.png: LR (nearest) | SR")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tsdsr_jax",
+                   help="JAX's persistent compilation cache")
+    return p.parse_args(argv)
+
+
+def load_model(name: str) -> model_dir.Model:
+    if name == "tiny":
+        print("note: --model tiny is a small RANDOM model: its outputs show the pipeline "
+              "working, not super-resolution. Convert the real weights with `python -m convert`.")
+        return model_dir.tiny()
+    return model_dir.load(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    jax.config.update("jax_compilation_cache_dir", str(args.cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    config = InferenceConfig(
+        upscale=args.upscale, process_size=args.process_size, color_fix=args.color_fix,
+        vae_posterior=args.vae, precision=args.precision, latent_tile=args.latent_tile,
+        latent_overlap=args.latent_overlap, vae_encoder_tile=args.vae_encoder_tile,
+        vae_decoder_tile=args.vae_decoder_tile, attention_impl=args.attention)
+    if args.input.is_dir() and args.output.resolve() == args.input.resolve():
+        print(f"error: {args.output}: write the outputs to another folder than the inputs",
+              file=sys.stderr)
+        return 2
+    try:
+        paths = list_images(args.input, exclude=args.output)
+        pipe = Pipeline(load_model(args.model), config)
+    except (ImageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    by_size: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = defaultdict(list)
+    outputs: set[Path] = set()
+    for path in paths:
+        out = args.output / f"{path.stem}.png"
+        if out.resolve() == path.resolve() or out in outputs:
+            print(f"error: {path}: its output {out} would overwrite "
+                  f"{'the input' if out.resolve() == path.resolve() else 'another output'}; "
+                  "skipped", file=sys.stderr)
+            failed += 1
+            continue
+        outputs.add(out)
+        try:
+            image = load_image(path)
+        except ImageError as e:
+            print(f"error: {e}; skipped", file=sys.stderr)
+            failed += 1
+            continue
+        by_size[image.shape].append((path, image))
+    key = jax.random.key(args.seed)
+    with tqdm(total=sum(map(len, by_size.values())), unit="img") as bar:
+        for group in by_size.values():
+            for start in range(0, len(group), args.batch_size):
+                chunk = group[start:start + args.batch_size]
+                batch = [im for _, im in chunk]
+                batch += batch[-1:] * (args.batch_size - len(batch))  # one shape per bucket
+                key, sub = jax.random.split(key)
+                tic = time.perf_counter()
+                sr = pipe.super_resolve(np.stack(batch), sub)
+                per_image = (time.perf_counter() - tic) / len(chunk)
+                for (path, lr), out in zip(chunk, sr):
+                    save_png(out, args.output / f"{path.stem}.png")
+                    if args.compare:
+                        up = np.kron(lr, np.ones((args.upscale, args.upscale, 1), np.uint8))
+                        save_png(np.concatenate([up, out], axis=1),
+                                 args.output / "compare" / f"{path.stem}.png")
+                bar.set_postfix_str(f"{per_image * 1000:.0f} ms/img")
+                bar.update(len(chunk))
+    print(f"wrote {len(paths) - failed} image(s) to {args.output}"
+          + (f"; {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""One-step TSD-SR inference (SPEC §5): LR images in, ×upscale super-resolved images out.
+
+    pipe = Pipeline(model_dir.load("models/tsdsr"), InferenceConfig())
+    sr = pipe([lr_uint8_hwc, ...])          # list of uint8 (H·4, W·4, 3) arrays
+
+Per image: bicubic upsampling with PyTorch's semantics, padding to a multiple of 16, VAE encode
+(student LoRA merged), one transformer call at t = 1000 with the default prompt (Gaussian latent
+tiles when large), ``ẑ_H = z_L − v``, decode, crop back, colour fix against the LR image. The
+network part is one jitted function per (batch, size) bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from tsdsr_jax import colorfix, tiling
+from tsdsr_jax.model_dir import Model
+from tsdsr_jax.models import lora
+from tsdsr_jax.models.mmdit import MMDiT
+from tsdsr_jax.models.vae import AutoencoderKL, sample_posterior
+from tsdsr_jax.resize import resize_bicubic
+
+PRECISIONS = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+TIMESTEP = 1000.0  # the student's single step: σ = 1
+MULTIPLE = 16      # VAE factor 8 × patch size 2
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """What the official ``test_tsdsr.py`` exposes, plus our options."""
+
+    upscale: int = 4
+    process_size: int = 512
+    color_fix: str = "wavelet"          # wavelet | adain | none
+    vae_posterior: str = "sample"       # sample (official) | mean (deterministic)
+    precision: str = "bf16"             # bf16 | fp16 | fp32
+    latent_tile: int = 64               # latent pixels; tiles only when h·w > tile²
+    latent_overlap: int = 8
+    vae_encoder_tile: int | None = None  # image pixels; None = untiled
+    vae_decoder_tile: int | None = None  # latent pixels; None = untiled
+    attention_impl: str | None = None   # None = JAX's choice; "cudnn" on GPU, "xla" for parity
+
+    def __post_init__(self):
+        if self.color_fix not in colorfix.COLOR_FIXES:
+            raise ValueError(f"color_fix {self.color_fix!r}: one of {list(colorfix.COLOR_FIXES)}")
+        if self.vae_posterior not in ("sample", "mean"):
+            raise ValueError(f"vae_posterior {self.vae_posterior!r}: 'sample' or 'mean'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: one of {list(PRECISIONS)}")
+
+
+def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, int, bool]:
+    """The size the network produces for an LR image, and whether it differs from ×upscale.
+
+    The official rule: an image with a side below process_size/upscale is first scaled so that
+    its short side reaches it (the result is resized back to ×upscale afterwards)."""
+    low = config.process_size // config.upscale
+    if width < low or height < low:
+        scale = low / min(width, height)
+        height, width = int(scale * height), int(scale * width)
+        return config.upscale * height, config.upscale * width, True
+    return config.upscale * height, config.upscale * width, False
+
+
+class Pipeline:
+    """The student (LoRA merged into the frozen base) as one jitted function per shape."""
+
+    def __init__(self, model: Model, config: InferenceConfig = InferenceConfig()):
+        self.config = config
+        dtype = PRECISIONS[config.precision]
+        if "default" not in model.embeddings:
+            raise ValueError(f"{model.path}: no default-prompt embeddings "
+                             "(convert with --embeddings)")
+        transformer = model.params["transformer"]
+        vae = model.params["vae"]
+        if "student" in model.adapters:
+            transformer = lora.merge(transformer, model.adapters["student"])
+        if "student_vae" in model.adapters:
+            vae = lora.merge(vae, model.adapters["student_vae"])
+        cast = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, dtype))
+        emb = model.embeddings["default"]
+        self.params = {"transformer": cast(transformer), "vae": cast(vae),
+                       "prompt_embeds": emb["prompt_embeds"].astype(dtype),
+                       "pooled_prompt_embeds": emb["pooled_prompt_embeds"].astype(dtype)}
+        self.mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
+                                               attention_impl=config.attention_impl))
+        self.vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
+        self.scaling_factor = model.vae_config.scaling_factor
+        self.shift_factor = model.vae_config.shift_factor or 0.0
+        self.network = jax.jit(self._super_resolve, static_argnames=("size",))
+        self._color_fix = jax.jit(colorfix.COLOR_FIXES[config.color_fix])
+
+    # ------------------------------------------------------------------ the jitted network
+
+    def _super_resolve(self, params: dict[str, Any], lr: jax.Array, rng: jax.Array,
+                       size: tuple[int, int]) -> jax.Array:
+        """(B, h, w, 3) LR in [0, 1] -> (B, *size, 3) SR in [0, 1], float32."""
+        cfg = self.config
+        x = jnp.clip(resize_bicubic(lr.astype(jnp.float32), size) * 2 - 1, -1, 1)
+        pad_h, pad_w = (-size[0]) % MULTIPLE, (-size[1]) % MULTIPLE
+        x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+        vae = {"params": params["vae"]}
+        if cfg.vae_encoder_tile:
+            mean, logvar = tiling.tiled_encode(self.vae, vae, x, cfg.vae_encoder_tile)
+        else:
+            mean, logvar = self.vae.apply(vae, x, method="encode")
+        z = mean if cfg.vae_posterior == "mean" else sample_posterior(rng, mean, logvar)
+        z_l = (z - self.shift_factor) * self.scaling_factor
+
+        def transformer(tiles: jax.Array) -> jax.Array:
+            n = tiles.shape[0]
+            return self.mmdit.apply(
+                {"params": params["transformer"]}, tiles, jnp.full((n,), TIMESTEP),
+                jnp.broadcast_to(params["prompt_embeds"], (n, *params["prompt_embeds"].shape)),
+                jnp.broadcast_to(params["pooled_prompt_embeds"],
+                                 (n, *params["pooled_prompt_embeds"].shape)))
+
+        v = tiling.tiled_apply(transformer, z_l.astype(self.mmdit.config.dtype),
+                               cfg.latent_tile, cfg.latent_overlap)
+        z_h = (z_l - v.astype(z_l.dtype)) / self.scaling_factor + self.shift_factor
+        if cfg.vae_decoder_tile:
+            image = tiling.tiled_decode(self.vae, vae, z_h, cfg.vae_decoder_tile)
+        else:
+            image = self.vae.apply(vae, z_h, method="decode")
+        image = jnp.clip(image.astype(jnp.float32), -1, 1)[:, :size[0], :size[1]]
+        return image * 0.5 + 0.5
+
+    # ------------------------------------------------------------------ images in, images out
+
+    def super_resolve(self, lr: np.ndarray, rng: jax.Array) -> np.ndarray:
+        """A batch of same-sized LR images (B, h, w, 3) uint8 -> SR (B, H, W, 3) uint8."""
+        cfg = self.config
+        h, w = lr.shape[1:3]
+        th, tw, resized = target_size(h, w, cfg)
+        sr = self.network(self.params, jnp.asarray(lr, jnp.float32) / 255.0, rng, (th, tw))
+        final = (cfg.upscale * h, cfg.upscale * w)
+        if resized:  # the official path: back to ×upscale with PIL's default (bicubic) resize
+            sr = np.stack([np.asarray(Image.fromarray(to_uint8(s)).resize(final[::-1]))
+                           for s in np.asarray(sr)]).astype(np.float32) / 255.0
+        if cfg.color_fix == "wavelet":
+            source = np.stack([colorfix.pil_upscale(im, final) for im in lr])
+        else:
+            source = lr.astype(np.float32) / 255.0
+        return to_uint8(np.asarray(self._color_fix(jnp.asarray(sr), jnp.asarray(source))))
+
+    def __call__(self, images: Sequence[np.ndarray], seed: int = 42) -> list[np.ndarray]:
+        """Super-resolves uint8 RGB images of any sizes, one batch per image (see infer.py for
+        batching by size)."""
+        keys = jax.random.split(jax.random.key(seed), len(images))
+        return [self.super_resolve(im[None], k)[0] for im, k in zip(images, keys)]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounded."""
+    return np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
