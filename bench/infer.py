@@ -63,7 +63,7 @@ def main() -> None:
     model = random_model(args.tiny)
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}; precision {args.precision}")
-    print("| case | ms/image | ms/batch | first call s | second call s | memory GB | TFLOP/image | TFLOP/s |")
+    print("| case | ms/image | ms/batch | first call s | second call s | memory GB | GFLOP/image | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch, side, options in (TINY if args.tiny else FULL):
         pipe = Pipeline(model, InferenceConfig(precision=args.precision, vae_posterior="sample",
@@ -82,12 +82,12 @@ def main() -> None:
         compiled = pipe.network.lower(pipe.params, lr, rng, size).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        tflop = float(cost.get("flops", 0.0)) / 1e12 / batch if cost else float("nan")
+        gflop = float(cost.get("flops", 0.0)) / 1e9 / batch if cost else float("nan")
         mem = compiled.memory_analysis()  # weights + inputs + outputs + XLA's scratch
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                 + mem.temp_size_in_bytes) / 2**30 if mem else float("nan")
         print(f"| {name} | {ms / batch:.2f} | {ms:.2f} | {first:.1f} | {second:.2f} | {peak:.2f} "
-              f"| {tflop:.2f} | {tflop * batch / (ms / 1e3):.1f} |", flush=True)
+              f"| {gflop:.4g} | {gflop * batch / ms:.3g} |", flush=True)
 
 
 if __name__ == "__main__":
