@@ -15,8 +15,8 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
-	# The CPU build of torch for the reference tests (first, so nothing pulls a CUDA build).
-	$(PY) -m pip install -q torch==2.13.0
+	# torch and torchvision for the reference tests (lpips needs torchvision), pinned together.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	touch $@
 
