@@ -1,7 +1,8 @@
 """``python -m convert``: the official SD3 + TSD-SR files -> one model directory.
 
     python -m convert --sd3 SD3_DIR [--lora LORA_DIR] [--teacher-lora FILE] \\
-        [--embeddings EMB_DIR] [--null-embeddings EMB_DIR] --out MODEL_DIR [--dtype bf16]
+        [--embeddings EMB_DIR] [--null-embeddings EMB_DIR] [--lpips-backbone FILE] \\
+        --out MODEL_DIR [--dtype bf16]
 
 Every input is checked before anything is written; every problem is reported, and the command
 exits non-zero leaving no MODEL_DIR behind. Tensors are streamed one at a time from memory maps.
@@ -21,6 +22,7 @@ import numpy as np
 from convert.embeddings import read_embeddings
 from convert.layout import ConversionError, OutputFile
 from convert.lora import plan_adapter
+from convert.lpips import plan_lpips
 from convert.sd3 import plan_weights, read_network
 from tsdsr_jax import model_dir
 from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
@@ -39,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder with the default prompt's prompt_embeds.pt and pool_embeds.pt")
     p.add_argument("--null-embeddings", type=Path,
                    help="folder with the null prompt's prompt_embeds.pt and pool_embeds.pt")
+    p.add_argument("--lpips-backbone", type=Path,
+                   help="torchvision ImageNet alexnet-*.pth or vgg16-*.pth, for LPIPS "
+                        "(heads from the lpips package)")
     p.add_argument("--out", type=Path, required=True, help="the model directory to write")
     p.add_argument("--dtype", choices=DTYPES, default="bf16",
                    help="dtype of the frozen SD3 weights (adapters stay float32)")
@@ -85,13 +90,16 @@ def plan(args: argparse.Namespace) -> tuple[list[OutputFile], dict, list[str]]:
             got = attempt(read_embeddings, folder, transformer.config.joint_attention_dim,
                           transformer.config.pooled_projection_dim)
             embeddings.update({f"{prompt}.{k}": v for k, v in (got or {}).items()})
+    lpips = attempt(plan_lpips, args.lpips_backbone) if args.lpips_backbone else None
+    if lpips:
+        files.append(lpips[0])
     files = [f for f in files if f]
     if embeddings:
         files.append(OutputFile(model_dir.EMBEDDINGS,
                                 {k: (v.shape, np.dtype(np.float32)) for k, v in embeddings.items()},
                                 embeddings.__getitem__))
     config = {"transformer": transformer and transformer.config, "vae": vae and vae.config,
-              "adapters": adapters}
+              "adapters": adapters, "lpips": lpips and lpips[1]}
     return files, config, problems
 
 
@@ -105,7 +113,8 @@ def write(out: Path, files: list[OutputFile], config: dict, dtype: str) -> None:
             print(f"writing {out / f.name} ({len(f.specs)} tensors)", flush=True)
             f.write(tmp)
         model_dir.write_config(tmp / model_dir.CONFIG, config["transformer"], config["vae"],
-                               config["adapters"], {"dtype": dtype})
+                               config["adapters"], {"dtype": dtype}
+                               | ({"lpips": config["lpips"]} if config["lpips"] else {}))
         if out.exists():
             out.rename(old)
         tmp.rename(out)

@@ -10,6 +10,8 @@
                                    teacher, fake_score, as present
       embeddings.safetensors       <prompt>.prompt_embeds (L, 4096), <prompt>.pooled_prompt_embeds
                                    (2048,) for the prompts present: default, null
+      lpips.safetensors            LPIPS backbone and heads in float32, if converted
+                                   (config.json's "lpips": {"net": "alex"|"vgg", "source": ...})
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax.models import mmdit, vae
+from tsdsr_jax.models import lpips, mmdit, vae
 from tsdsr_jax.models.mmdit import MMDiTConfig
 from tsdsr_jax.models.vae import VAEConfig
 from tsdsr_jax.safetensors_io import SafeTensors, SafetensorsError
@@ -34,6 +36,7 @@ FORMAT = "tsdsr-jax-model"
 VERSION = 1
 CONFIG = "config.json"
 EMBEDDINGS = "embeddings.safetensors"
+LPIPS = "lpips.safetensors"
 
 
 def network_file(network: str) -> str:
@@ -127,6 +130,17 @@ def load(path: str | os.PathLike, dtype: Any = None, adapters: tuple[str, ...] |
             prompt, _, field = key.partition(".")
             embeddings.setdefault(prompt, {})[field] = jnp.asarray(value, jnp.float32)
     return Model(path, transformer_config, vae_config, params, loaded, embeddings)
+
+
+def load_lpips(path: str | os.PathLike, dtype: Any = None) -> tuple[str, dict[str, Any]]:
+    """The LPIPS weights of a model directory: ``(net, params)`` for ``models.lpips.lpips``."""
+    path = Path(path)
+    entry = read_config(path).get("lpips")
+    if not entry or entry.get("net") not in lpips.NETS:
+        raise ModelDirError(f"{path}: has no LPIPS weights (convert with "
+                            "`python -m convert ... --lpips-backbone alexnet-*.pth`)")
+    net = entry["net"]
+    return net, _load_tree(path / LPIPS, flatten(lpips.abstract_params(net)), dtype)
 
 
 # A tiny random model with the SD3 structure (VAE factor 8, 16-channel latents), for demos and

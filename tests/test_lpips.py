@@ -1,0 +1,183 @@
+"""LPIPS against the ``lpips`` package: random torchvision backbones, the package's real heads."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import lpips as lpips_package
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageFilter
+
+from convert.__main__ import main as convert_main
+from convert.layout import ConversionError
+from convert.lpips import plan_lpips
+from tsdsr_jax import model_dir
+from tsdsr_jax.models.lpips import lpips
+from tsdsr_jax.tree import flatten, nest
+
+DATA = Path(__file__).parent / "data"
+SIZE = (96, 64)  # W, H
+BACKBONES = {"alex": ("alexnet", torchvision.models.alexnet),
+             "vgg": ("vgg16", torchvision.models.vgg16)}
+
+
+def rel_err(got, want) -> float:
+    want = np.asarray(want, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+def distorted(image: Image.Image, kind: str) -> Image.Image:
+    if kind == "blur":
+        return image.filter(ImageFilter.GaussianBlur(2))
+    if kind == "noise":
+        noise = np.random.default_rng(0).normal(0, 12, (SIZE[1], SIZE[0], 3))
+        return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=15)
+    return Image.open(buf).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def pairs() -> tuple[np.ndarray, np.ndarray]:
+    """Three photos, each against its blurred, noisy and JPEG copy: (9, H, W, 3) in [0, 1]."""
+    photos = [Image.open(DATA / n).convert("RGB").resize(SIZE, Image.BICUBIC)
+              for n in ("astronaut.png", "coffee.png", "chelsea.jpg")]
+    x = [np.asarray(p) for p in photos for _ in range(3)]
+    y = [np.asarray(distorted(p, k)) for p in photos for k in ("blur", "noise", "jpeg")]
+    return tuple(np.stack(v).astype(np.float32) / 255 for v in (x, y))
+
+
+def save_backbone(folder: Path, net: str) -> Path:
+    """A random torchvision ImageNet network saved as torchvision's checkpoints are."""
+    stem, make = BACKBONES[net]
+    torch.manual_seed(0)
+    file = folder / f"{stem}-test.pth"
+    torch.save(make().state_dict(), file)
+    return file
+
+
+def reference(file: Path, net: str) -> lpips_package.LPIPS:
+    """``lpips.LPIPS`` with the backbone of ``file`` copied into its slices."""
+    model = lpips_package.LPIPS(net=net, pnet_rand=True, version="0.1", verbose=False)
+    backbone = torch.load(file, weights_only=True)
+    slices = {int(name.split(".")[1]): name for name, _ in model.net.named_modules()
+              if name.count(".") == 1}
+    state = {f"net.{slices[int(k.split('.')[1])]}.{k.split('.')[2]}": v
+             for k, v in backbone.items() if k.startswith("features.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(not k.startswith("net.") for k in missing)
+    return model
+
+
+@pytest.fixture(scope="module", params=["alex", "vgg"])
+def nets(request, tmp_path_factory):
+    """``(net, checkpoint file, torch reference, our params)``."""
+    net = request.param
+    file = save_backbone(tmp_path_factory.mktemp(net), net)
+    planned, entry = plan_lpips(file)
+    assert entry == {"net": net, "source": str(file)}
+    params = nest({k: jnp.asarray(planned.fetch(k)) for k in planned.specs})
+    return net, file, reference(file, net), params
+
+
+def torch_nchw(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.tensor(x.transpose(0, 3, 1, 2), dtype=dtype)
+
+
+def test_matches_lpips_package(nets, pairs):
+    _, _, model, params = nets
+    x, y = pairs
+    with torch.no_grad():
+        want = model(torch_nchw(x), torch_nchw(y), normalize=True).flatten().numpy()
+    got = jax.jit(lambda a, b: lpips(params, a, b))(jnp.asarray(x), jnp.asarray(y))
+    assert got.shape == (len(x),) and got.dtype == jnp.float32
+    assert np.all(want > 1e-3)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_gradient_matches_lpips_package(nets, pairs):
+    """Against torch's float64 gradient: torch's own float32 VGG gradient is ~6e-3 off it."""
+    _, _, model, params = nets
+    x, y = pairs
+    tx = torch_nchw(x, torch.float64).requires_grad_()
+    copy.deepcopy(model).double()(tx, torch_nchw(y, torch.float64), normalize=True).sum().backward()
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(lpips(params, a, jnp.asarray(y)))))(jnp.asarray(x))
+    assert rel_err(grad, tx.grad.numpy().transpose(0, 2, 3, 1)) < 5e-4
+
+
+def test_bf16_stays_close(nets, pairs):
+    _, _, _, params = nets
+    x, y = (jnp.asarray(v) for v in pairs)
+    want = lpips(params, x, y)
+    got = jax.jit(lambda a, b: lpips(params, a, b, jnp.bfloat16))(
+        x.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
+    assert got.dtype == jnp.float32
+    assert rel_err(got, want) < 3e-2
+    grad = jax.grad(lambda a: jnp.sum(lpips(params, a, y, jnp.bfloat16)))(x)
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_identical_images_are_zero(nets, pairs):
+    _, _, _, params = nets
+    x = jnp.asarray(pairs[0][:2])
+    assert np.all(np.asarray(lpips(params, x, x)) == 0)
+    assert np.all(np.isfinite(np.asarray(jax.grad(lambda a: lpips(params, a, x).sum())(x))))
+
+
+def test_convert_cli_writes_lpips(release, tmp_path):
+    file = save_backbone(tmp_path, "alex")
+    out = tmp_path / "model"
+    assert convert_main(["--sd3", str(release.sd3), "--lpips-backbone", str(file),
+                         "--out", str(out), "--dtype", "fp32"]) == 0
+    config = json.loads((out / model_dir.CONFIG).read_text())
+    assert config["lpips"] == {"net": "alex", "source": str(file)}
+    net, params = model_dir.load_lpips(out)
+    state = torch.load(file, weights_only=True)
+    assert net == "alex"
+    np.testing.assert_array_equal(flatten(params)["features.3.kernel"],
+                                  state["features.3.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+def test_model_dir_without_lpips(release, tmp_path):
+    out = tmp_path / "model"
+    assert convert_main(["--sd3", str(release.sd3), "--out", str(out), "--dtype", "fp32"]) == 0
+    with pytest.raises(model_dir.ModelDirError, match="has no LPIPS weights"):
+        model_dir.load_lpips(out)
+
+
+def test_bad_backbone_is_reported(release, tmp_path, capsys):
+    torch.manual_seed(0)
+    state = torchvision.models.alexnet().state_dict()
+    del state["features.0.weight"]
+    state["features.3.bias"] = torch.zeros(7)
+    state["features.99.weight"] = torch.zeros(1)
+    file = tmp_path / "alexnet-broken.pth"  # no 11x11 features.0: the name tells the net
+    torch.save(state, file)
+    with pytest.raises(ConversionError) as e:
+        plan_lpips(file)
+    for needle in ("missing tensor features.0.weight", "features.3.bias has shape (7,)",
+                   "unexpected tensor features.99.weight"):
+        assert needle in str(e.value)
+    out = tmp_path / "model"
+    assert convert_main(["--sd3", str(release.sd3), "--lpips-backbone", str(file),
+                         "--out", str(out)]) != 0
+    assert "features.99.weight" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_backbone_is_reported(tmp_path):
+    file = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, file)
+    with pytest.raises(ConversionError, match="neither a torchvision AlexNet nor a VGG16"):
+        plan_lpips(file)
+    file.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="cannot read as a torch checkpoint"):
+        plan_lpips(file)

@@ -1,0 +1,1 @@
+"""Training data: the official dataset layout, on-the-fly degradation and preprocessing."""

@@ -1,0 +1,176 @@
+"""``python -m tsdsr_jax.evaluate``: full-reference metrics of super-resolved images, as in the paper.
+
+    python -m tsdsr_jax.evaluate --sr SR_DIR --gt GT_DIR [--out REPORT_DIR] \\
+        [--model MODEL_DIR | --lpips-backbone alexnet-*.pth] [--y ycbcr|yiq]
+
+Images are paired by file stem. PSNR and SSIM are on the luma (see ``tsdsr_jax.metrics``);
+LPIPS (AlexNet, v0.1) needs weights: a model directory converted with ``--lpips-backbone``, or the
+torchvision checkpoint itself. Prints the summary table in the paper's column order (metrics not
+computed here shown as ``-``); ``--out`` also writes ``metrics.csv`` (per image) and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.layout import ConversionError
+from convert.lpips import plan_lpips
+from tsdsr_jax import metrics, model_dir
+from tsdsr_jax.images import ImageError, list_images, load_image
+from tsdsr_jax.models.lpips import lpips
+from tsdsr_jax.tree import nest
+
+COLUMNS = ("PSNR", "SSIM", "LPIPS", "DISTS", "FID", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA")
+
+
+class EvaluationError(ValueError):
+    """Inputs that cannot be evaluated; the message names every offending file."""
+
+
+def _by_stem(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise EvaluationError(f"{folder}: not a folder")
+    files = list_images(folder)
+    if not files:
+        raise EvaluationError(f"{folder}: no images")
+    stems: dict[str, Path] = {}
+    clashes = []
+    for f in files:
+        if f.stem in stems:
+            clashes.append(f"{stems[f.stem]} and {f}: same name")
+        stems[f.stem] = f
+    if clashes:
+        raise EvaluationError("\n".join(clashes))
+    return stems
+
+
+def pair(sr: Path, gt: Path) -> list[tuple[str, Path, Path]]:
+    """``(stem, sr file, gt file)`` for every image, or an error listing all unpaired files."""
+    a, b = _by_stem(sr), _by_stem(gt)
+    unpaired = [f"{a[s]}: no ground truth in {gt}" for s in sorted(a.keys() - b.keys())]
+    unpaired += [f"{b[s]}: no SR image in {sr}" for s in sorted(b.keys() - a.keys())]
+    if unpaired:
+        raise EvaluationError("unpaired files:\n  " + "\n  ".join(unpaired))
+    return [(s, a[s], b[s]) for s in sorted(a)]
+
+
+def load_pairs(pairs: list[tuple[str, Path, Path]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Reads every pair; raises naming every unreadable file and every size mismatch."""
+    images, problems = [], []
+    for _, sr, gt in pairs:
+        try:
+            x, y = load_image(sr), load_image(gt)
+        except ImageError as e:
+            problems.append(str(e))
+            continue
+        if x.shape != y.shape:
+            problems.append(f"{sr} is {x.shape[1]}x{x.shape[0]} but {gt} is "
+                            f"{y.shape[1]}x{y.shape[0]}")
+        elif min(x.shape[:2]) < metrics.WINDOW:
+            problems.append(f"{sr}: smaller than SSIM's {metrics.WINDOW}x{metrics.WINDOW} window")
+        images.append((x, y))
+    if problems:
+        raise EvaluationError("\n".join(problems))
+    return images
+
+
+def lpips_params(args: argparse.Namespace) -> Any:
+    """The AlexNet LPIPS parameters from ``--model`` or ``--lpips-backbone``; None if neither."""
+    if args.model:
+        net, params = model_dir.load_lpips(args.model, jnp.float32)
+    elif args.lpips_backbone:
+        try:
+            planned, entry = plan_lpips(args.lpips_backbone)
+        except ConversionError as e:
+            raise EvaluationError(str(e)) from None
+        net, params = entry["net"], nest({k: jnp.asarray(planned.fetch(k)) for k in planned.specs})
+    else:
+        return None
+    if net != "alex":
+        raise EvaluationError(f"{args.model or args.lpips_backbone}: LPIPS weights are {net}; "
+                              "the paper's LPIPS is AlexNet")
+    return params
+
+
+def evaluate(images: list[tuple[np.ndarray, np.ndarray]], params: Any, space: str
+             ) -> list[dict[str, float]]:
+    """Per image ``{'PSNR': ..., 'SSIM': ..., 'LPIPS': ...}`` (LPIPS only with ``params``)."""
+    distance = jax.jit(lpips)
+    rows = []
+    for x, y in images:
+        row = {"PSNR": metrics.psnr(x, y, space), "SSIM": metrics.ssim(x, y, space)}
+        if params is not None:
+            pair_ = [jnp.asarray(im[None], jnp.float32) / 255 for im in (x, y)]
+            row["LPIPS"] = float(distance(params, *pair_)[0])
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict[str, float]]) -> str:
+    """A Markdown table of the means, in the paper's column order."""
+    def cell(column: str) -> str:
+        if column not in rows[0]:
+            return "-"
+        value = float(np.mean([r[column] for r in rows]))
+        return f"{value:.2f}" if column == "PSNR" else f"{value:.4f}"
+
+    return ("| images | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1) + "\n"
+            + f"| {len(rows)} | " + " | ".join(cell(c) for c in COLUMNS) + " |\n")
+
+
+def write_report(out: Path, names: list[str], rows: list[dict[str, float]], table: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in COLUMNS if c in rows[0]]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", *columns])
+        writer.writerows([name, *(f"{r[c]:.6f}" for c in columns)] for name, r in zip(names, rows))
+    (out / "summary.md").write_text(table)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tsdsr_jax.evaluate",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--sr", type=Path, required=True, help="folder of super-resolved images")
+    p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
+    p.add_argument("--out", type=Path, help="folder for metrics.csv and summary.md")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--model", type=Path, help="model directory with LPIPS weights")
+    weights.add_argument("--lpips-backbone", type=Path,
+                         help="torchvision alexnet-*.pth (LPIPS heads from the lpips package)")
+    p.add_argument("--y", choices=metrics.SPACES, default="ycbcr",
+                   help="luma for PSNR/SSIM: BT.601 YCbCr (paper, default) or pyiqa's YIQ")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        pairs = pair(args.sr, args.gt)
+        params = lpips_params(args)
+        images = load_pairs(pairs)
+        rows = evaluate(images, params, args.y)
+    except (EvaluationError, ImageError, model_dir.ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if params is None:
+        print("note: no LPIPS weights (--model or --lpips-backbone); LPIPS not computed",
+              file=sys.stderr)
+    table = summary(rows)
+    print(table, end="")
+    if args.out:
+        write_report(args.out, [name for name, _, _ in pairs], rows, table)
+        print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
