@@ -31,6 +31,13 @@ PyTree = Any
 _QK_NORMS = (None, "rms_norm")
 
 
+# Which activations a rematerialised block keeps for the backward pass.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,          # least memory
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
 @dataclass(frozen=True)
 class MMDiTConfig:
     """diffusers' ``SD3Transformer2DModel`` config (same field names and defaults), plus the
@@ -52,6 +59,7 @@ class MMDiTConfig:
     qk_norm: str | None = None
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    remat_policy: str | None = None  # rematerialise each block in training: see REMAT_POLICIES
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -68,6 +76,9 @@ class MMDiTConfig:
                              f"joint attention needs heads * head_dim = {self.inner_dim}")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"unsupported attention_impl {self.attention_impl!r}")
+        if self.remat_policy not in (None, *REMAT_POLICIES):
+            raise ValueError(f"unsupported remat_policy {self.remat_policy!r} "
+                             f"(supported: None, {', '.join(REMAT_POLICIES)})")
 
     @property
     def inner_dim(self) -> int:
@@ -356,8 +367,11 @@ class MMDiT(nn.Module):
             timestep, pooled_projections)
         context = Dense(cfg.caption_projection_dim, dtype=cfg.dtype, name="context_embedder")(
             encoder_hidden_states)
+        block_class = JointTransformerBlock
+        if cfg.remat_policy is not None:
+            block_class = nn.remat(JointTransformerBlock, policy=REMAT_POLICIES[cfg.remat_policy])
         for i in range(cfg.num_layers):
-            block = JointTransformerBlock(cfg, context_pre_only=i == cfg.num_layers - 1,
+            block = block_class(cfg, context_pre_only=i == cfg.num_layers - 1,
                                           dual_attention=i in cfg.dual_attention_layers,
                                           name=f"transformer_blocks.{i}")
             context, x = block(x, context, temb)
