@@ -24,7 +24,11 @@ from tsdsr_jax.models.lpips import lpips
 from tsdsr_jax.tree import flatten, nest
 
 DATA = Path(__file__).parent / "data"
-SIZE = (96, 64)  # W, H
+SIZE = (64, 48)  # W, H
+distance = jax.jit(lpips, static_argnames="dtype")
+input_grad = jax.jit(jax.grad(lambda p, x, y, dtype=None: jnp.sum(lpips(p, x, y, dtype)),
+                              argnums=1), static_argnames="dtype")
+SOME = [0, 4, 8]  # one pair per photo: blurred astronaut, noisy coffee, JPEG chelsea
 BACKBONES = {"alex": ("alexnet", torchvision.models.alexnet),
              "vgg": ("vgg16", torchvision.models.vgg16)}
 
@@ -97,7 +101,7 @@ def test_matches_lpips_package(nets, pairs):
     x, y = pairs
     with torch.no_grad():
         want = model(torch_nchw(x), torch_nchw(y), normalize=True).flatten().numpy()
-    got = jax.jit(lambda a, b: lpips(params, a, b))(jnp.asarray(x), jnp.asarray(y))
+    got = distance(params, jnp.asarray(x), jnp.asarray(y))
     assert got.shape == (len(x),) and got.dtype == jnp.float32
     assert np.all(want > 1e-3)
     assert rel_err(got, want) < 1e-5
@@ -106,30 +110,29 @@ def test_matches_lpips_package(nets, pairs):
 def test_gradient_matches_lpips_package(nets, pairs):
     """Against torch's float64 gradient: torch's own float32 VGG gradient is ~6e-3 off it."""
     _, _, model, params = nets
-    x, y = pairs
+    x, y = (v[SOME] for v in pairs)
     tx = torch_nchw(x, torch.float64).requires_grad_()
     copy.deepcopy(model).double()(tx, torch_nchw(y, torch.float64), normalize=True).sum().backward()
-    grad = jax.jit(jax.grad(lambda a: jnp.sum(lpips(params, a, jnp.asarray(y)))))(jnp.asarray(x))
+    grad = input_grad(params, jnp.asarray(x), jnp.asarray(y))
     assert rel_err(grad, tx.grad.numpy().transpose(0, 2, 3, 1)) < 5e-4
 
 
 def test_bf16_stays_close(nets, pairs):
     _, _, _, params = nets
-    x, y = (jnp.asarray(v) for v in pairs)
-    want = lpips(params, x, y)
-    got = jax.jit(lambda a, b: lpips(params, a, b, jnp.bfloat16))(
-        x.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
+    x, y = (jnp.asarray(v[SOME]) for v in pairs)
+    want = distance(params, x, y)
+    bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
+    got = distance(bf16, x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), jnp.bfloat16)
     assert got.dtype == jnp.float32
     assert rel_err(got, want) < 3e-2
-    grad = jax.grad(lambda a: jnp.sum(lpips(params, a, y, jnp.bfloat16)))(x)
-    assert np.all(np.isfinite(np.asarray(grad)))
+    grad = input_grad(bf16, x, y, jnp.bfloat16)
+    assert grad.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(grad)))
 
 
-def test_identical_images_are_zero(nets, pairs):
+def test_identical_images_are_near_zero(nets, pairs):
     _, _, _, params = nets
-    x = jnp.asarray(pairs[0][:2])
-    assert np.all(np.asarray(lpips(params, x, x)) == 0)
-    assert np.all(np.isfinite(np.asarray(jax.grad(lambda a: lpips(params, a, x).sum())(x))))
+    x = jnp.asarray(pairs[0])
+    assert np.all(np.asarray(distance(params, x, x)) < 1e-12)
 
 
 def test_convert_cli_writes_lpips(release, tmp_path):

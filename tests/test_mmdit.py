@@ -1,6 +1,7 @@
 """MMDiT against diffusers' SD3Transformer2DModel (tiny random models, CPU, float32)."""
 
 from __future__ import annotations
+
 import dataclasses
 
 import jax

@@ -16,10 +16,9 @@ import io
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage, signal
+from scipy import fft, ndimage
 
 from tsdsr_jax.data.kernels import KernelConfig, random_kernel, sinc
-from tsdsr_jax.resize import _cubic_taps
 
 MODES = ("area", "bilinear", "bicubic")
 
@@ -63,10 +62,21 @@ def rng(*keys: int) -> np.random.Generator:
 
 def filter2d(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Correlates (H, W, C) with an odd 2-D kernel, reflect-101 padded (basicsr's ``filter2D``)."""
-    p = kernel.shape[0] // 2
-    padded = np.pad(image, ((p, p), (p, p), (0, 0)), mode="reflect")
-    flipped = kernel[::-1, ::-1, None].astype(np.float32)
-    return signal.fftconvolve(padded, flipped, mode="valid", axes=(0, 1)).astype(np.float32)
+    k = kernel.shape[0]
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((k // 2, k // 2), (k // 2, k // 2), (0, 0)), mode="reflect")
+    shape = padded.shape[:2]
+    spectrum = fft.rfft2(padded, axes=(0, 1)) * fft.rfft2(kernel[::-1, ::-1], shape)[..., None]
+    full = fft.irfft2(spectrum, shape, axes=(0, 1))  # circular; the valid part is exact
+    return np.ascontiguousarray(full[k - 1:k - 1 + h, k - 1:k - 1 + w], np.float32)
+
+
+def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel with torch's a = −0.75."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
 def resize_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
@@ -84,9 +94,12 @@ def resize_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
         frac = (src - i0).astype(np.float32)
         np.add.at(m, (rows, i0), 1 - frac)
         np.add.at(m, (rows, i1), frac)
-    elif mode == "bicubic":
-        index, weights = _cubic_taps(n_in, n_out)
-        np.add.at(m, (np.repeat(rows, 4), index.ravel()), weights.ravel())
+    elif mode == "bicubic":  # four taps, indices clamped to the edge
+        src = (rows + 0.5) * (n_in / n_out) - 0.5
+        start = np.floor(src).astype(int)
+        taps = start[:, None] + np.arange(-1, 3)
+        weights = _cubic(src[:, None] - taps)
+        np.add.at(m, (np.repeat(rows, 4), np.clip(taps, 0, n_in - 1).ravel()), weights.ravel())
     else:
         raise ValueError(f"unknown resize mode {mode!r}")
     return m
