@@ -1,0 +1,157 @@
+"""The TSD-SR train step: the student's and the fake score's AdamW updates on one frozen base.
+
+Only LoRA adapters train (float32 master weights); the SD3 base, the teacher adapter, the
+prompt embeddings and LPIPS are a frozen pytree read by every step. A step whose loss or
+gradients are not finite leaves that optimiser's weights and state untouched and is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tsdsr_jax import tsd
+from tsdsr_jax.adapters import FAKE_SCORE_TARGETS
+from tsdsr_jax.models import lora
+from tsdsr_jax.models.lpips import lpips
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with diffusers' warm-up + cosine schedules and global-norm clipping (SPEC §4.7)."""
+
+    learning_rate: float
+    warmup_steps: int = 3000
+    total_steps: int = 200_000
+    schedule: str = "cosine"  # constant_with_warmup | cosine | cosine_with_restarts
+    num_cycles: float = 0.5   # cosine: half a period; with restarts: the number of restarts
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+
+
+def lr_schedule(config: OptimConfig) -> optax.Schedule:
+    """diffusers' ``get_scheduler``: linear warm-up from 0, then constant or cosine decay."""
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warmup = jnp.float32(max(config.warmup_steps, 1))
+        progress = (step - config.warmup_steps) / max(config.total_steps - config.warmup_steps, 1)
+        if config.schedule == "constant_with_warmup":
+            decay = jnp.float32(1.0)
+        elif config.schedule == "cosine":
+            decay = jnp.maximum(0.0, 0.5 * (1 + jnp.cos(jnp.pi * 2 * config.num_cycles
+                                                          * progress)))
+        elif config.schedule == "cosine_with_restarts":
+            decay = jnp.where(progress >= 1, 0.0, 0.5 * (1 + jnp.cos(
+                jnp.pi * jnp.mod(config.num_cycles * progress, 1.0))))
+        else:
+            raise ValueError(f"unknown schedule {config.schedule!r}")
+        factor = jnp.where(step < config.warmup_steps, step / warmup, decay)
+        return config.learning_rate * factor
+    return schedule
+
+
+def optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(lr_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                    weight_decay=config.weight_decay))
+
+
+class TrainState(NamedTuple):
+    """Everything a run changes; a checkpoint saves exactly this (plus the data position)."""
+
+    step: jax.Array
+    student: tuple[PyTree, PyTree]  # (transformer adapter, VAE-encoder adapter)
+    fake_score: PyTree
+    opt_student: optax.OptState
+    opt_fake: optax.OptState
+    skipped: jax.Array              # (student, fake score) updates skipped as non-finite
+    rng: jax.Array                  # a raw uint32 key
+
+
+class Frozen(NamedTuple):
+    """What every step reads and never changes."""
+
+    base: PyTree                    # {'transformer': …, 'vae': …}
+    teacher: PyTree | None          # the teacher adapter (None: plain SD3)
+    default: tsd.Prompts            # unbatched (L, D) and (P,)
+    null: tsd.Prompts
+    lpips: PyTree
+
+
+def init_state(rng: jax.Array, base: PyTree, student: tuple[PyTree, PyTree],
+               fake_rank: int, opt_student: optax.GradientTransformation,
+               opt_fake: optax.GradientTransformation) -> TrainState:
+    """A fresh state: the given student adapters and a new fake-score adapter (peft init)."""
+    rng, fake_rng = jax.random.split(rng)
+    fake = lora.init_adapter(fake_rng, base["transformer"], FAKE_SCORE_TARGETS, fake_rank)
+    student = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), student)
+    return TrainState(jnp.zeros((), jnp.int32), student, fake, opt_student.init(student),
+                      opt_fake.init(fake), jnp.zeros((2,), jnp.int32), rng)
+
+
+def _all_finite(*trees: PyTree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(trees)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _update(params, grads, opt_state, opt, finite):
+    updates, new_state = opt.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    return (jax.tree_util.tree_map(keep, new_params, params),
+            jax.tree_util.tree_map(keep, new_state, opt_state))
+
+
+def _batched(prompts: tsd.Prompts, b: int) -> tsd.Prompts:
+    return tsd.Prompts(jnp.broadcast_to(prompts.embeds, (b, *prompts.embeds.shape)),
+                       jnp.broadcast_to(prompts.pooled, (b, *prompts.pooled.shape)))
+
+
+def hr_latents(nets: tsd.Networks, base: PyTree, hr: jax.Array) -> jax.Array:
+    """``E(x_H)·s`` (posterior mean, frozen VAE) for batches without precomputed latents."""
+    mean, _ = nets.vae.apply({"params": base["vae"]}, hr.astype(nets.vae.config.dtype),
+                             method="encode")
+    return jax.lax.stop_gradient(mean.astype(jnp.float32) * nets.scaling_factor)
+
+
+def train_step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array],
+               nets: tsd.Networks, config: tsd.TSDConfig, opt_student: optax.GradientTransformation,
+               opt_fake: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step: the student's update, then the fake score's on the same ẑ_H (jit with
+    ``nets``, ``config`` and the optimisers static)."""
+    b = batch["lr"].shape[0]
+    if "latent_hr" not in batch:
+        batch = {**batch, "latent_hr": hr_latents(nets, frozen.base, batch["hr"])}
+    rng, step_rng = jax.random.split(state.rng)
+    noise = tsd.sample_noise(step_rng, batch["latent_hr"].shape, config)
+    adapters = tsd.Adapters(*state.student, frozen.teacher, state.fake_score)
+    lpips_fn = lambda x, y: lpips(frozen.lpips, x, y)  # noqa: E731
+    (loss, parts), grads = jax.value_and_grad(tsd.student_loss, has_aux=True)(
+        state.student, nets, frozen.base, adapters, batch, noise, _batched(frozen.default, b),
+        _batched(frozen.null, b), lpips_fn, config)
+    reg_loss, fake_grads = jax.value_and_grad(tsd.fake_score_loss)(
+        state.fake_score, nets, frozen.base, parts["z_hat"], batch, noise, config)
+    ok_student = _all_finite(loss, grads)
+    ok_fake = _all_finite(reg_loss, fake_grads)
+    student, opt_student_state = _update(state.student, grads, state.opt_student, opt_student,
+                                         ok_student)
+    fake, opt_fake_state = _update(state.fake_score, fake_grads, state.opt_fake, opt_fake,
+                                   ok_fake)
+    skipped = state.skipped + jnp.stack([~ok_student, ~ok_fake]).astype(jnp.int32)
+    metrics = {"loss": loss, "reg_loss": reg_loss,
+               **{k: parts[k] for k in ("tsd_loss", "lpips_loss", "mse_loss", "data_loss")},
+               "grad_norm": optax.global_norm(grads), "reg_grad_norm": optax.global_norm(fake_grads),
+               "skipped_student": skipped[0], "skipped_fake": skipped[1]}
+    new_state = TrainState(state.step + 1, student, fake, opt_student_state, opt_fake_state,
+                           skipped, rng)
+    return new_state, metrics
