@@ -1,0 +1,54 @@
+"""Checkpoints: a train state and the data position round-trip; a cut-off write is ignored."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tsdsr_jax import trainer
+from tsdsr_jax.checkpoint import Checkpoints
+
+
+def make_state(seed: int) -> trainer.TrainState:
+    rng = np.random.default_rng(seed)
+    student = ({"transformer_blocks.0": {"attn": {"to_out.0": {
+        "lora_A": jnp.asarray(rng.standard_normal((8, 2)), jnp.float32),
+        "lora_B": jnp.asarray(rng.standard_normal((2, 8)), jnp.float32)}}}},
+               {"encoder": {"conv_in": {"lora_A": jnp.asarray(rng.standard_normal((3, 3, 3, 2)),
+                                                              jnp.float32),
+                                        "lora_B": jnp.zeros((1, 1, 2, 4))}}})
+    fake = {"transformer_blocks.0": {"attn": {"to_q": {"lora_A": jnp.ones((8, 2)),
+                                                       "lora_B": jnp.zeros((2, 8))}}}}
+    opt = trainer.optimizer(trainer.OptimConfig(learning_rate=1e-4))
+    state = trainer.TrainState(jnp.asarray(seed, jnp.int32), student, fake, opt.init(student),
+                               opt.init(fake), jnp.asarray([seed, 0], jnp.int32),
+                               jax.random.PRNGKey(seed))
+    grads = jax.tree_util.tree_map(jnp.ones_like, student)  # one update: non-trivial moments
+    updates, opt_state = opt.update(grads, state.opt_student, student)
+    return state._replace(student=optax.apply_updates(student, updates), opt_student=opt_state)
+
+
+def assert_same(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_keep_last_and_cut_off_write(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        checkpoints.save(step, make_state(step), {"epoch": 0, "position": step * 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]
+    # a save that died mid-write leaves orbax's temporary folder: it is not a checkpoint
+    (tmp_path / "4.orbax-checkpoint-tmp-1234").mkdir()
+    (tmp_path / "4.orbax-checkpoint-tmp-1234" / "state").write_bytes(b"\0" * 10)
+    checkpoints.close()
+    reopened = Checkpoints(tmp_path, keep=2)
+    assert reopened.latest_step() == 3
+    state, data = reopened.restore(make_state(0))
+    assert_same(state, make_state(3))
+    assert data == {"epoch": 0, "position": 6}
+    state, _ = reopened.restore(make_state(0), step=2)
+    assert_same(state, make_state(2))

@@ -1,0 +1,46 @@
+"""Training checkpoints with orbax: the train state and the data iterator's position.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a checkpoint
+cut off mid-write is never taken for the latest; ``keep`` bounds how many stay on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class Checkpoints:
+    """``save(step, state, data_state)`` and ``restore(like) -> (state, data_state)``."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: PyTree, data_state: dict | None = None) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state or {})))
+        self.manager.wait_until_finished()
+
+    def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+        """The state (shaped, typed and sharded like ``like``) and the data position."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.manager.directory}: no checkpoint")
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        return restored.state, restored.data
+
+    def close(self) -> None:
+        self.manager.close()
