@@ -18,6 +18,9 @@ $(VENV)/.test: $(VENV)/.runtime
 	# torch and torchvision for the reference tests (lpips needs torchvision), pinned together.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test$(if $(EXTRAS),$(comma)$(EXTRAS))]'
+	# basicsr's degradations, the reference of tsdsr_jax/data (its own requirements pull a
+	# second OpenCV and tb-nightly; the functions we compare need neither).
+	$(PY) -m pip install -q --no-deps basicsr-fixed==1.4.2
 	touch $@
 
 comma := ,

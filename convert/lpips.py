@@ -21,7 +21,7 @@ _FILE_PREFIX = {"alexnet": "alex", "vgg16": "vgg"}
 
 
 def _torch_load(file: Path) -> dict[str, Any]:
-    import torch
+    import torch  # only the converter needs torch, to read the checkpoints
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)

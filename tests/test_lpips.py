@@ -108,13 +108,14 @@ def test_matches_lpips_package(nets, pairs):
 
 
 def test_gradient_matches_lpips_package(nets, pairs):
-    """Against torch's float64 gradient: torch's own float32 VGG gradient is ~6e-3 off it."""
+    """Against torch's float64 gradient (on larger VGG inputs torch's own float32 gradient
+    strays up to ~6e-3 from it, through near-ties in max-pooling)."""
     _, _, model, params = nets
     x, y = (v[SOME] for v in pairs)
     tx = torch_nchw(x, torch.float64).requires_grad_()
     copy.deepcopy(model).double()(tx, torch_nchw(y, torch.float64), normalize=True).sum().backward()
     grad = input_grad(params, jnp.asarray(x), jnp.asarray(y))
-    assert rel_err(grad, tx.grad.numpy().transpose(0, 2, 3, 1)) < 5e-4
+    assert rel_err(grad, tx.grad.numpy().transpose(0, 2, 3, 1)) < 1e-4
 
 
 def test_bf16_stays_close(nets, pairs):
@@ -124,7 +125,7 @@ def test_bf16_stays_close(nets, pairs):
     bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
     got = distance(bf16, x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), jnp.bfloat16)
     assert got.dtype == jnp.float32
-    assert rel_err(got, want) < 3e-2
+    assert rel_err(got, want) < 1e-2
     grad = input_grad(bf16, x, y, jnp.bfloat16)
     assert grad.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(grad)))
 

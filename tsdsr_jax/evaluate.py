@@ -1,12 +1,14 @@
-"""``python -m tsdsr_jax.evaluate``: full-reference metrics of super-resolved images, as in the paper.
+"""``python -m tsdsr_jax.evaluate``: the paper's metrics of SR images against ground truth.
 
     python -m tsdsr_jax.evaluate --sr SR_DIR --gt GT_DIR [--out REPORT_DIR] \\
-        [--model MODEL_DIR | --lpips-backbone alexnet-*.pth] [--y ycbcr|yiq]
+        [--model MODEL_DIR | --lpips-backbone alexnet-*.pth] [--y ycbcr|yiq] [--pyiqa]
 
 Images are paired by file stem. PSNR and SSIM are on the luma (see ``tsdsr_jax.metrics``);
 LPIPS (AlexNet, v0.1) needs weights: a model directory converted with ``--lpips-backbone``, or the
-torchvision checkpoint itself. Prints the summary table in the paper's column order (metrics not
-computed here shown as ``-``); ``--out`` also writes ``metrics.csv`` (per image) and ``summary.md``.
+torchvision checkpoint itself. ``--pyiqa`` adds DISTS, FID (of the folders), NIQE, MUSIQ, MANIQA
+and CLIPIQA through pyiqa (installed separately; it fetches its own weights). Prints the summary
+table in the paper's column order (metrics not computed shown as ``-``); ``--out`` also writes
+``metrics.csv`` (per image) and ``summary.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tsdsr_jax.models.lpips import lpips
 from tsdsr_jax.tree import nest
 
 COLUMNS = ("PSNR", "SSIM", "LPIPS", "DISTS", "FID", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA")
+PYIQA = {"DISTS": "dists", "NIQE": "niqe", "MUSIQ": "musiq", "MANIQA": "maniqa",
+         "CLIPIQA": "clipiqa"}
 
 
 class EvaluationError(ValueError):
@@ -65,11 +69,17 @@ def pair(sr: Path, gt: Path) -> list[tuple[str, Path, Path]]:
 def load_pairs(pairs: list[tuple[str, Path, Path]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Reads every pair; raises naming every unreadable file and every size mismatch."""
     images, problems = [], []
-    for _, sr, gt in pairs:
+
+    def read(path: Path) -> np.ndarray | None:
         try:
-            x, y = load_image(sr), load_image(gt)
+            return load_image(path)
         except ImageError as e:
             problems.append(str(e))
+            return None
+
+    for _, sr, gt in pairs:
+        x, y = read(sr), read(gt)
+        if x is None or y is None:
             continue
         if x.shape != y.shape:
             problems.append(f"{sr} is {x.shape[1]}x{x.shape[0]} but {gt} is "
@@ -108,31 +118,57 @@ def evaluate(images: list[tuple[np.ndarray, np.ndarray]], params: Any, space: st
     for x, y in images:
         row = {"PSNR": metrics.psnr(x, y, space), "SSIM": metrics.ssim(x, y, space)}
         if params is not None:
-            pair_ = [jnp.asarray(im[None], jnp.float32) / 255 for im in (x, y)]
-            row["LPIPS"] = float(distance(params, *pair_)[0])
+            sr, gt = (jnp.asarray(im[None], jnp.float32) / 255 for im in (x, y))
+            row["LPIPS"] = float(distance(params, sr, gt)[0])
         rows.append(row)
     return rows
 
 
-def summary(rows: list[dict[str, float]]) -> str:
-    """A Markdown table of the means, in the paper's column order."""
+def pyiqa_scores(pairs: list[tuple[str, Path, Path]], sr: Path, gt: Path
+                 ) -> tuple[list[dict[str, float]], float]:
+    """Per image ``{'DISTS': ..., 'NIQE': ..., ...}`` and the FID of ``sr`` against ``gt``."""
+    try:
+        import pyiqa
+        import torch
+    except ImportError:
+        raise EvaluationError("--pyiqa needs pyiqa: pip install pyiqa") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows: list[dict[str, float]] = [{} for _ in pairs]
+    try:
+        for column, name in PYIQA.items():
+            metric = pyiqa.create_metric(name, device=device)
+            for row, (_, x, y) in zip(rows, pairs):
+                score = metric(str(x), str(y)) if metric.metric_mode == "FR" else metric(str(x))
+                row[column] = float(score)
+        fid = float(pyiqa.create_metric("fid", device=device)(str(sr), str(gt)))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise EvaluationError(f"pyiqa failed: {e}") from None
+    return rows, fid
+
+
+def summary(rows: list[dict[str, float]], totals: dict[str, float] | None = None) -> str:
+    """A Markdown table of the means (and ``totals``), in the paper's column order."""
     def cell(column: str) -> str:
-        if column not in rows[0]:
+        if column in (totals or {}):
+            value = totals[column]
+        elif column in rows[0]:
+            value = float(np.mean([r[column] for r in rows]))
+        else:
             return "-"
-        value = float(np.mean([r[column] for r in rows]))
-        return f"{value:.2f}" if column == "PSNR" else f"{value:.4f}"
+        return f"{value:.2f}" if column in ("PSNR", "FID") else f"{value:.4f}"
 
     return ("| images | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1) + "\n"
             + f"| {len(rows)} | " + " | ".join(cell(c) for c in COLUMNS) + " |\n")
 
 
 def write_report(out: Path, names: list[str], rows: list[dict[str, float]], table: str) -> None:
+    """``out/metrics.csv`` (a row per image) and ``out/summary.md`` (the table)."""
     out.mkdir(parents=True, exist_ok=True)
     columns = [c for c in COLUMNS if c in rows[0]]
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", *columns])
-        writer.writerows([name, *(f"{r[c]:.6f}" for c in columns)] for name, r in zip(names, rows))
+        writer.writerows([name, *(f"{r[c]:.8g}" for c in columns)] for name, r in zip(names, rows))
     (out / "summary.md").write_text(table)
 
 
@@ -148,6 +184,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="torchvision alexnet-*.pth (LPIPS heads from the lpips package)")
     p.add_argument("--y", choices=metrics.SPACES, default="ycbcr",
                    help="luma for PSNR/SSIM: BT.601 YCbCr (paper, default) or pyiqa's YIQ")
+    p.add_argument("--pyiqa", action="store_true",
+                   help="also DISTS, FID, NIQE, MUSIQ, MANIQA, CLIPIQA through pyiqa")
     return p.parse_args(argv)
 
 
@@ -158,13 +196,17 @@ def main(argv: list[str] | None = None) -> int:
         params = lpips_params(args)
         images = load_pairs(pairs)
         rows = evaluate(images, params, args.y)
+        totals: dict[str, float] = {}
+        if args.pyiqa:
+            extra, totals["FID"] = pyiqa_scores(pairs, args.sr, args.gt)
+            rows = [r | e for r, e in zip(rows, extra)]
     except (EvaluationError, ImageError, model_dir.ModelDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if params is None:
         print("note: no LPIPS weights (--model or --lpips-backbone); LPIPS not computed",
               file=sys.stderr)
-    table = summary(rows)
+    table = summary(rows, totals)
     print(table, end="")
     if args.out:
         write_report(args.out, [name for name, _, _ in pairs], rows, table)

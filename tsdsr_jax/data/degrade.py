@@ -12,6 +12,7 @@ seeded from (seed, index), so a sample's LR is reproducible anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 
 import numpy as np
@@ -41,15 +42,17 @@ class DegradeConfig:
     """The published settings (Real-ESRGAN x4plus as used by SeeSR's ``make_paired_data.py``)."""
 
     scale: int = 4
-    kernel1: KernelConfig = KernelConfig(sigma=(0.2, 3.0))
-    kernel2: KernelConfig = KernelConfig(sigma=(0.2, 1.5))
+    kernel1: KernelConfig = dataclasses.field(
+        default_factory=lambda: KernelConfig(sigma=(0.2, 3.0)))
+    kernel2: KernelConfig = dataclasses.field(
+        default_factory=lambda: KernelConfig(sigma=(0.2, 1.5)))
     final_sinc_prob: float = 0.8
     final_sinc_sizes: tuple[int, ...] = tuple(range(7, 22, 2))
-    stage1: StageConfig = StageConfig((0.2, 0.7, 0.1), (0.15, 1.5), 0.5, (1, 30), (0.05, 3.0),
-                                      0.4, (30, 95))
+    stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
+        (0.2, 0.7, 0.1), (0.15, 1.5), 0.5, (1, 30), (0.05, 3.0), 0.4, (30, 95)))
     second_blur_prob: float = 0.8
-    stage2: StageConfig = StageConfig((0.3, 0.4, 0.3), (0.3, 1.2), 0.5, (1, 25), (0.05, 2.5),
-                                      0.4, (30, 95))
+    stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
+        (0.3, 0.4, 0.3), (0.3, 1.2), 0.5, (1, 25), (0.05, 2.5), 0.4, (30, 95)))
     # SeeSR sharpens the GT before degrading it and saves the sharpened GT as ``gt/``: leave this
     # off for such data, turn it on for raw photos (then the HR should be sharpened as well).
     usm_sharpen: bool = False
@@ -79,8 +82,10 @@ def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
     return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
+@functools.lru_cache(maxsize=512)
 def resize_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
-    """(n_out, n_in) weights of torch's ``F.interpolate`` along one axis (align_corners=False)."""
+    """(n_out, n_in) weights of torch's ``F.interpolate`` along one axis (align_corners=False);
+    cached, read-only."""
     m = np.zeros((n_out, n_in), np.float32)
     rows = np.arange(n_out)
     if mode == "area":  # adaptive average pooling
@@ -102,15 +107,38 @@ def resize_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
         np.add.at(m, (np.repeat(rows, 4), np.clip(taps, 0, n_in - 1).ravel()), weights.ravel())
     else:
         raise ValueError(f"unknown resize mode {mode!r}")
+    m.flags.writeable = False
     return m
 
 
+@functools.lru_cache(maxsize=512)
+def _taps(n_in: int, n_out: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The nonzero weights of ``resize_matrix`` per output row: indices and weights (n_out, K),
+    padded with zero weights."""
+    m = resize_matrix(n_in, n_out, mode)
+    nonzero = m != 0
+    k = max(int(nonzero.sum(axis=1).max()), 1)
+    index = np.zeros((n_out, k), np.intp)
+    weight = np.zeros((n_out, k), np.float32)
+    for row in range(n_out):
+        cols = np.flatnonzero(nonzero[row])
+        index[row, :len(cols)] = cols
+        weight[row, :len(cols)] = m[row, cols]
+    return index, weight
+
+
+def _resize_axis(x: np.ndarray, n_out: int, axis: int, mode: str) -> np.ndarray:
+    index, weight = _taps(x.shape[axis], n_out, mode)
+    shape = (n_out,) + (1,) * (x.ndim - 1 - axis)
+    out = np.take(x, index[:, 0], axis=axis) * weight[:, 0].reshape(shape)
+    for k in range(1, index.shape[1]):
+        out += np.take(x, index[:, k], axis=axis) * weight[:, k].reshape(shape)
+    return out
+
+
 def resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
-    """Resizes (H, W, C) float32 to (height, width, C)."""
-    h, w, c = image.shape
-    out = resize_matrix(h, height, mode) @ image.reshape(h, w * c)
-    out = resize_matrix(w, width, mode) @ out.reshape(height, w, c).transpose(1, 0, 2).reshape(w, -1)
-    return np.ascontiguousarray(out.reshape(width, height, c).transpose(1, 0, 2))
+    """Resizes (H, W, C) float32 to (height, width, C), one sparse pass per axis."""
+    return _resize_axis(_resize_axis(image, height, 0, mode), width, 1, mode)
 
 
 def add_gaussian_noise(image: np.ndarray, sigma: float, gray: bool, rng: np.random.Generator

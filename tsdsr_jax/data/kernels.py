@@ -19,7 +19,7 @@ def grid(size: int) -> np.ndarray:
 
 
 def covariance(sigma_x: float, sigma_y: float, theta: float) -> np.ndarray:
-    """The 2×2 covariance with standard deviations ``sigma_x``, ``sigma_y`` rotated by ``theta``."""
+    """The 2×2 covariance with deviations ``sigma_x``, ``sigma_y``, rotated by ``theta``."""
     c, s = np.cos(theta), np.sin(theta)
     rotation = np.array([[c, -s], [s, c]])
     return rotation @ np.diag([sigma_x ** 2, sigma_y ** 2]) @ rotation.T
@@ -88,7 +88,8 @@ def random_kernel(rng: np.random.Generator, config: KernelConfig, pad_to: int = 
     if rng.random() < config.sinc_prob:
         cutoff = rng.uniform(np.pi / 3 if size < 13 else np.pi / 5, np.pi)
         return sinc(cutoff, size, pad_to)
-    kind = config.kinds[rng.choice(len(config.kinds), p=np.asarray(config.probs) / sum(config.probs))]
+    probs = np.asarray(config.probs) / sum(config.probs)
+    kind = config.kinds[rng.choice(len(config.kinds), p=probs)]
     sigma_x = rng.uniform(*config.sigma)
     if kind.endswith("aniso"):
         sigma_y, theta = rng.uniform(*config.sigma), rng.uniform(-np.pi, np.pi)

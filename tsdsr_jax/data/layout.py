@@ -18,6 +18,7 @@ from it; so do we (``gt/`` when the LR is made on the fly).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,8 @@ GT, LR, PROMPT_TXT = "gt", "lr_bicubic", "prompt_txt"
 PROMPT_EMBEDS, POOL_EMBEDS, LATENT_HR = "prompt_embeds", "pool_embeds", "latent_hr"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TENSOR_EXTENSIONS = (".safetensors", ".npy", ".pt")  # in order of preference
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -43,7 +46,7 @@ class Record:
     latent_hr: str | None
 
 
-def _stems(folder: Path, extensions: tuple[str, ...]) -> dict[str, str]:
+def stems(folder: Path, extensions: tuple[str, ...]) -> dict[str, str]:
     """``stem -> file name`` of the files in ``folder`` with one of ``extensions`` (earlier
     extensions win); empty when the folder does not exist."""
     if not folder.is_dir():
@@ -55,11 +58,10 @@ def _stems(folder: Path, extensions: tuple[str, ...]) -> dict[str, str]:
         r = rank.get(ext.lower())
         if r is not None and (stem not in best or r < best[stem][0]):
             best[stem] = (r, entry.name)
-    found = {stem: name for stem, (_, name) in best.items()}
-    return found
+    return {stem: name for stem, (_, name) in best.items()}
 
 
-def _sort_key(stem: str) -> tuple:
+def sort_key(stem: str) -> tuple:
     """Numeric order for numeric stems (as the official loader), then by name."""
     return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
 
@@ -67,11 +69,16 @@ def _sort_key(stem: str) -> tuple:
 def scan(roots: list[str | os.PathLike], degrade: bool, latents: bool | None = None,
          skip_invalid: bool = False) -> tuple[list[Record], list[str]]:
     """The records of all ``roots`` in order, and the problems found (files without their
-    partners). ``latents``: require ``latent_hr`` (None: use it when every root has it).
+    partners). ``latents``: require ``latent_hr`` (None: when the roots have it; all or none).
     Raises ``DataError`` listing the problems unless ``skip_invalid``, which drops those samples."""
     roots = [Path(r) for r in roots]
     if latents is None:
-        latents = all((r / LATENT_HR).is_dir() for r in roots)
+        having = [(r / LATENT_HR).is_dir() for r in roots]
+        if any(having) and not all(having):
+            lacking = ", ".join(str(r) for r, has in zip(roots, having) if not has)
+            raise DataError(f"{lacking}: no {LATENT_HR}/ while other roots have one "
+                            "(make them with tsdsr_jax.data.prepare, or set latents=False)")
+        latents = all(having)
     records: list[Record] = []
     problems: list[str] = []
     for root in roots:
@@ -80,33 +87,29 @@ def scan(roots: list[str | os.PathLike], degrade: bool, latents: bool | None = N
         lead = GT if degrade else LR
         if not (root / lead).is_dir():
             raise DataError(f"{root}: has no {lead}/ folder")
-        gt = _stems(root / GT, IMAGE_EXTENSIONS)
-        lr = _stems(root / LR, IMAGE_EXTENSIONS)
-        partners = {PROMPT_EMBEDS: _stems(root / PROMPT_EMBEDS, TENSOR_EXTENSIONS),
-                    POOL_EMBEDS: _stems(root / POOL_EMBEDS, TENSOR_EXTENSIONS)}
-        if latents:
-            partners[LATENT_HR] = _stems(root / LATENT_HR, TENSOR_EXTENSIONS)
-        if not degrade:
-            partners[GT] = gt
-        for stem in sorted(gt if degrade else lr, key=_sort_key):
-            missing = [f"{folder}/{stem}.*" for folder, files in partners.items()
-                       if stem not in files]
+        files = {folder: stems(root / folder, IMAGE_EXTENSIONS) for folder in (GT, LR)}
+        for folder in (PROMPT_EMBEDS, POOL_EMBEDS) + ((LATENT_HR,) if latents else ()):
+            files[folder] = stems(root / folder, TENSOR_EXTENSIONS)
+        partners = [f for f in files if f != lead and not (degrade and f == LR)]
+        for stem in sorted(files[lead], key=sort_key):
+            missing = [f"{folder}/{stem}.*" for folder in partners if stem not in files[folder]]
             if missing:
-                lead_file = root / lead / (gt if degrade else lr)[stem]
-                problems.append(f"{lead_file}: no partner {', '.join(missing)}")
+                problems.append(f"{root / lead / files[lead][stem]}: no partner "
+                                f"{', '.join(missing)}")
                 continue
-            path = lambda folder, files: str(root / folder / files[stem])  # noqa: E731
+            path = {folder: str(root / folder / names[stem])
+                    for folder, names in files.items() if stem in names}
             records.append(Record(
-                name=f"{root}/{stem}", hr=path(GT, gt),
-                lr=None if degrade else path(LR, lr),
-                prompt_embeds=path(PROMPT_EMBEDS, partners[PROMPT_EMBEDS]),
-                pooled_prompt_embeds=path(POOL_EMBEDS, partners[POOL_EMBEDS]),
-                latent_hr=path(LATENT_HR, partners[LATENT_HR]) if latents else None))
-    if problems and not skip_invalid:
+                name=f"{root}/{stem}", hr=path[GT], lr=None if degrade else path[LR],
+                prompt_embeds=path[PROMPT_EMBEDS], pooled_prompt_embeds=path[POOL_EMBEDS],
+                latent_hr=path.get(LATENT_HR) if latents else None))
+    if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(f"{len(problems)} incomplete samples (skip them with skip_invalid):\n  "
-                        f"{shown}{more}")
+        if not skip_invalid:
+            raise DataError(f"{len(problems)} incomplete samples (skip them with skip_invalid):"
+                            f"\n  {shown}{more}")
+        log.warning("skipping %d incomplete samples:\n  %s%s", len(problems), shown, more)
     if not records:
         raise DataError(f"no complete samples in {', '.join(map(str, roots))}")
     return records, problems

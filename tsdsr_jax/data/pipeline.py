@@ -32,8 +32,8 @@ class DataConfig:
     seed: int = 0
     num_epochs: int | None = None          # None: repeat forever (reshuffled every epoch)
     degradation: DegradeConfig | None = None  # None: read lr_bicubic/; else make the LR
-    spec: SampleSpec = SampleSpec()
-    latents: bool | None = None            # require latent_hr/ (None: when every root has it)
+    spec: SampleSpec = dataclasses.field(default_factory=SampleSpec)
+    latents: bool | None = None            # require latent_hr/ (None: if the roots have it)
     skip_invalid: bool = False             # drop (and log) broken samples instead of raising
     num_workers: int = 0                   # grain worker processes (0: in this process)
     num_threads: int = 2                   # reading threads per process
@@ -45,10 +45,10 @@ def train_batches(config: DataConfig) -> grain.IterDataset:
     """The batches of this process's shard, as a grain ``IterDataset`` (iterate it for a
     ``DatasetIterator`` with ``get_state``/``set_state``).
 
-    Every shard gets the same number of records (the remainder is dropped), so that all
-    processes run the same number of steps per epoch. Shuffling is a seeded global permutation
-    per epoch; the degradation is seeded by the sample's position in the stream, so a given
-    (seed, step) always yields the same batch.
+    Shard k of n is the strided slice ``records[k::n]``, every shard the same size (the remainder
+    is dropped) so that all processes run the same number of steps per epoch. Each shard is
+    shuffled by a seeded permutation that changes every epoch; the degradation is seeded by
+    (seed, shard, position in the stream), so a given (seed, step) always yields the same batch.
     """
     index = jax.process_index() if config.shard_index is None else config.shard_index
     count = jax.process_count() if config.shard_count is None else config.shard_count
