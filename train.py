@@ -57,8 +57,9 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[model_dir.Model, obje
     if missing:
         raise ConfigError(f"{config.model} lacks " + " and ".join(missing)
                           + ": convert again with them")
-    if "teacher" not in model.adapters:
-        print(f"note: {config.model} has no teacher LoRA: the plain SD3 model teaches")
+    if config.teacher == "lora" and "teacher" not in model.adapters:
+        raise ConfigError(f"{config.model} has no teacher LoRA (convert with --teacher-lora, "
+                          "or set --config.teacher=sd3 to let the plain SD3 model teach)")
     try:
         lpips_params = model_dir.load_lpips(config.model)[1]
     except model_dir.ModelDirError as e:
@@ -149,6 +150,8 @@ def validation_image(nets: tsd.Networks, frozen: trainer.Frozen, state: trainer.
 
 
 def train(config: ml_collections.ConfigDict) -> None:
+    if config.teacher not in ("lora", "sd3"):
+        raise ConfigError(f"teacher={config.teacher!r}: 'lora' or 'sd3'")
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -159,7 +162,8 @@ def train(config: ml_collections.ConfigDict) -> None:
            for k, v in model.embeddings.items()}
     frozen = trainer.Frozen(
         base=jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.params),
-        teacher=model.adapters.get("teacher"), default=emb["default"], null=emb["null"],
+        teacher=model.adapters["teacher"] if config.teacher == "lora" else None,
+        default=emb["default"], null=emb["null"],
         lpips=jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), lpips_params))
     tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                   for k, v in config.tsd.items()})

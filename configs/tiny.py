@@ -14,6 +14,7 @@ from configs import tsd
 def get_config() -> ml_collections.ConfigDict:
     c = tsd.get_config()
     c.model = "tiny"                  # the built-in tiny random model (with a random LPIPS)
+    c.teacher = "sd3"                 # it has no teacher LoRA: its base teaches
     c.workdir = "workdirs/tiny"
     c.seed = 0
     c.total_steps = 120

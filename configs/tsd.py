@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.remat_policy = "full"           # none | full | dots: rematerialise transformer blocks
     c.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | cudnn
     c.init_student = "random"         # random (peft init) | model (the model dir's student)
+    c.teacher = "lora"                # lora (the model dir's teacher LoRA) | sd3 (plain SD3)
     c.student_rank = 64
     c.student_vae_rank = 64
     c.fake_score_rank = 64            # the released script's 64 (its default is 16)

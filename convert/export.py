@@ -1,17 +1,19 @@
-"""``python -m convert.export``: a model directory's LoRA adapters -> the official TSD-SR files.
+"""``python -m convert.export``: LoRA adapters -> the official TSD-SR files.
 
     python -m convert.export --model MODEL_DIR --out DIR
+    python -m convert.export --checkpoint WORKDIR/checkpoints [--step N] --out DIR
 
 writes ``transformer.safetensors`` and ``vae.safetensors`` (the student), ``teacher.safetensors``
-and ``transformer_reg.safetensors`` (the fake score) for the adapters the directory has, with
-the official key names (``transformer.<module>.lora_A.weight``) and torch layouts, in float32,
-so that the official PyTorch scripts load them.
+and ``transformer_reg.safetensors`` (the fake score) for the adapters a model directory or a
+training checkpoint has, with the official key names (``transformer.<module>.lora_A.weight``)
+and torch layouts, in float32, so that the official PyTorch scripts load them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,37 +21,61 @@ import numpy as np
 from convert.layout import OutputFile, to_torch, torch_name, torch_shape
 from convert.lora import PREFIX
 from tsdsr_jax import model_dir
+from tsdsr_jax.checkpoint import Checkpoints
 from tsdsr_jax.safetensors_io import SafeTensors
+from tsdsr_jax.tree import flatten
 
 OFFICIAL_FILES = {"student": "transformer.safetensors", "student_vae": "vae.safetensors",
                   "teacher": "teacher.safetensors", "fake_score": "transformer_reg.safetensors"}
 
 
-def official_file(name: str, adapter: SafeTensors) -> OutputFile:
-    """The official file of one adapter (our dotted names -> ``transformer.``-prefixed torch)."""
+def official_file(name: str, adapter: Mapping[str, np.ndarray]) -> OutputFile:
+    """The official file of one adapter, given as ``{dotted leaf path: array}``."""
     paths = {PREFIX + torch_name(p): p for p in adapter}
-    specs = {k: (torch_shape(p, adapter.shape(p)), np.dtype(np.float32))
+    specs = {k: (torch_shape(p, np.shape(adapter[p])), np.dtype(np.float32))
              for k, p in paths.items()}
     return OutputFile(OFFICIAL_FILES[name], specs,
                       lambda k: to_torch(paths[k], np.asarray(adapter[paths[k]], np.float32)))
 
 
+def model_adapters(path: Path) -> dict[str, Mapping[str, np.ndarray]]:
+    """The adapters of a model directory, read lazily from their files."""
+    names = model_dir.read_config(path)["adapters"]
+    return {name: SafeTensors(path / model_dir.adapter_file(name)) for name in names}
+
+
+def checkpoint_adapters(path: Path, step: int | None) -> dict[str, Mapping[str, np.ndarray]]:
+    """The trained adapters of a training checkpoint (the student's and the fake score's)."""
+    checkpoints = Checkpoints(path, create=False)
+    try:
+        state = checkpoints.restore_raw(step)
+    finally:
+        checkpoints.close()
+    student, student_vae = state["student"]
+    return {"student": flatten(student), "student_vae": flatten(student_vae),
+            "fake_score": flatten(state["fake_score"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m convert.export", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="model directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="model directory")
+    source.add_argument("--checkpoint", type=Path, help="a training run's checkpoints folder")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--out", type=Path, required=True, help="folder for the official LoRA files")
     args = p.parse_args(argv)
     try:
-        names = list(model_dir.read_config(args.model)["adapters"])
-    except model_dir.ModelDirError as e:
+        adapters = (model_adapters(args.model) if args.model
+                    else checkpoint_adapters(args.checkpoint, args.step))
+    except (model_dir.ModelDirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not names:
+    if not adapters:
         print(f"error: {args.model} has no LoRA adapters to export", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        f = official_file(name, SafeTensors(args.model / model_dir.adapter_file(name)))
+    for name, adapter in adapters.items():
+        f = official_file(name, adapter)
         f.write(args.out, metadata={"format": "pt"})
         print(f"wrote {args.out / f.name} ({name})")
     return 0

@@ -18,10 +18,12 @@ PyTree = Any
 class Checkpoints:
     """``save(step, state, data_state)`` and ``restore(like) -> (state, data_state)``."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, create: bool = True):
+        if not create and not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: no checkpoints folder")
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -41,6 +43,15 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         return restored.state, restored.data
+
+    def restore_raw(self, step: int | None = None) -> dict:
+        """The saved state as plain nested dicts and lists of numpy arrays (no template)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.manager.directory}: no checkpoint")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))
+        return restored.state
 
     def close(self) -> None:
         self.manager.close()
