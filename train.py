@@ -103,7 +103,8 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
                       pooled_dim=t.pooled_projection_dim, latent_channels=v.latent_channels,
                       vae_factor=2 ** (len(v.block_out_channels) - 1))
     data = DataConfig(roots=tuple(config.data.roots), batch_size=config.batch_size,
-                      seed=config.seed, degradation=DegradeConfig() if config.data.degrade else None,
+                      seed=config.seed,
+                      degradation=DegradeConfig() if config.data.degrade else None,
                       spec=spec, skip_invalid=config.data.skip_invalid,
                       num_workers=config.data.num_workers)
     return iter(train_batches(data))
@@ -133,13 +134,15 @@ class Logger:
 
 def validation_image(nets: tsd.Networks, frozen: trainer.Frozen, state: trainer.TrainState,
                      batch: dict[str, np.ndarray]) -> np.ndarray:
-    """LR | SR | HR for the first sample of a batch (posterior mean)."""
+    """LR | SR | HR for the first sample of a batch (the student with its posterior mean)."""
     lr = jnp.asarray(batch["lr"][:1])
+    vae_config = nets.vae.config
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    no_noise = jnp.zeros((1, lr.shape[1] // factor, lr.shape[2] // factor,
+                          vae_config.latent_channels))
     adapters = tsd.Adapters(*state.student, frozen.teacher, state.fake_score)
     default = tsd.Prompts(frozen.default.embeds[None], frozen.default.pooled[None])
-    _, z_hat = tsd.student(nets, frozen.base, adapters, lr, jnp.zeros(
-        (1, *batch["latent_hr"].shape[1:]) if "latent_hr" in batch else
-        (1, lr.shape[1] // 8, lr.shape[2] // 8, nets.vae.config.latent_channels)), default)
+    _, z_hat = tsd.student(nets, frozen.base, adapters, lr, no_noise, default)
     sr = nets.vae.apply({"params": frozen.base["vae"]}, z_hat / nets.scaling_factor,
                         method="decode")
     row = [np.asarray(lr[0]), np.asarray(jnp.clip(sr[0], -1, 1)), batch["hr"][0]]

@@ -63,7 +63,8 @@ def main() -> None:
     model = random_model(args.tiny)
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}; precision {args.precision}")
-    print("| case | ms/image | ms/batch | first call s | second call s | memory GB | GFLOP/image | TFLOP/s |")
+    print("| case | ms/image | ms/batch | first call s | second call s | memory GB "
+          "| GFLOP/image | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch, side, options in (TINY if args.tiny else FULL):
         pipe = Pipeline(model, InferenceConfig(precision=args.precision, vae_posterior="sample",

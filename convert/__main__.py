@@ -68,7 +68,8 @@ def plan(args: argparse.Namespace) -> tuple[list[OutputFile], dict, list[str]]:
         return [], {}, problems + [f"{args.sd3}: not a folder"]
     transformer = attempt(read_network, args.sd3, "transformer")
     vae = attempt(read_network, args.sd3, "vae")
-    files = [attempt(plan_weights, args.sd3, n, DTYPES[args.dtype]) for n in (transformer, vae) if n]
+    files = [attempt(plan_weights, args.sd3, net, DTYPES[args.dtype])
+             for net in (transformer, vae) if net]
     adapters: dict[str, dict] = {}
 
     def adapter(name, file, network, targets):

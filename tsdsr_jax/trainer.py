@@ -150,7 +150,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array],
     skipped = state.skipped + jnp.stack([~ok_student, ~ok_fake]).astype(jnp.int32)
     metrics = {"loss": loss, "reg_loss": reg_loss,
                **{k: parts[k] for k in ("tsd_loss", "lpips_loss", "mse_loss", "data_loss")},
-               "grad_norm": optax.global_norm(grads), "reg_grad_norm": optax.global_norm(fake_grads),
+               "grad_norm": optax.tree.norm(grads), "reg_grad_norm": optax.tree.norm(fake_grads),
                "skipped_student": skipped[0], "skipped_fake": skipped[1]}
     new_state = TrainState(state.step + 1, student, fake, opt_student_state, opt_fake_state,
                            skipped, rng)
