@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-decoder-tile", type=int, default=None,
                    help="tile the VAE decoder (latent pixels), for very large images")
     p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
-                   help="attention kernel (default: JAX's choice)")
+                   help="attention kernel (default: cuDNN on a GPU in bf16/fp16, else XLA)")
     p.add_argument("--compare", action="store_true",
                    help="also write OUTDIR/compare/NAME.png: LR (nearest) | SR")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tsdsr_jax",

@@ -57,7 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--precision", default="bf16")
-    p.add_argument("--attention", default=None, help="xla | cudnn (default: JAX's choice)")
+    p.add_argument("--attention", default=None, help="xla | cudnn (default: cuDNN on a GPU)")
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()
     model = random_model(args.tiny)

@@ -46,7 +46,7 @@ class InferenceConfig:
     latent_overlap: int = 8
     vae_encoder_tile: int | None = None  # image pixels; None = untiled
     vae_decoder_tile: int | None = None  # latent pixels; None = untiled
-    attention_impl: str | None = None   # None = JAX's choice; "cudnn" on GPU, "xla" for parity
+    attention_impl: str | None = None   # None: cuDNN on a GPU in bf16/fp16, else XLA
 
     def __post_init__(self):
         if self.color_fix not in colorfix.COLOR_FIXES:
@@ -70,6 +70,14 @@ def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, 
     return config.upscale * height, config.upscale * width, False
 
 
+def attention_impl(config: InferenceConfig) -> str | None:
+    """The attention kernel: as configured, else cuDNN's fused one where it applies (a GPU,
+    half precision: 4.5× faster than XLA's on an H200), else JAX's default."""
+    if config.attention_impl or jax.default_backend() != "gpu" or config.precision == "fp32":
+        return config.attention_impl
+    return "cudnn"
+
+
 class Pipeline:
     """The student (LoRA merged into the frozen base) as one jitted function per shape."""
 
@@ -91,7 +99,7 @@ class Pipeline:
                        "prompt_embeds": emb["prompt_embeds"].astype(dtype),
                        "pooled_prompt_embeds": emb["pooled_prompt_embeds"].astype(dtype)}
         self.mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
-                                               attention_impl=config.attention_impl))
+                                               attention_impl=attention_impl(config)))
         self.vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
         self.scaling_factor = model.vae_config.scaling_factor
         self.shift_factor = model.vae_config.shift_factor or 0.0
