@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 1
     c.precision = "fp32"
     c.remat_policy = "none"
+    c.attention_impl = None           # JAX's default on the CPU (cuDNN needs a GPU)
     c.student_rank = c.student_vae_rank = c.fake_score_rank = 4
     c.tsd.dasm_steps = 2
     for optim in (c.optim_student, c.optim_fake_score):

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 2                  # per step
     c.precision = "bf16"              # compute dtype of the frozen base (LoRA stays float32)
     c.remat_policy = "full"           # none | full | dots: rematerialise transformer blocks
-    c.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | cudnn
+    c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
     c.init_student = "random"         # random (peft init) | model (the model dir's student)
     c.teacher = "lora"                # lora (the model dir's teacher LoRA) | sd3 (plain SD3)
     c.student_rank = 64
