@@ -100,6 +100,21 @@ def make_release(root: Path, transformer_config: dict) -> Release:
                    root / "default", root / "null", transformer, vae, prompt, pool)
 
 
+def convert_release(release: Release, out: Path, *inputs: str) -> Path:
+    """Runs `python -m convert` (fp32) on the release's SD3 folder and the named ``inputs``
+    (lora, teacher, embeddings, null); returns the model directory."""
+    from convert.__main__ import main as convert_main
+
+    flags = {"lora": ("--lora", release.lora), "teacher": ("--teacher-lora", release.teacher),
+             "embeddings": ("--embeddings", release.embeddings),
+             "null": ("--null-embeddings", release.null_embeddings)}
+    argv = ["--sd3", str(release.sd3), "--out", str(out), "--dtype", "fp32"]
+    for name in inputs:
+        argv += [flags[name][0], str(flags[name][1])]
+    assert convert_main(argv) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def release(tmp_path_factory) -> Release:
     """A tiny SD3 folder, official-format student/teacher LoRA files and prompt embeddings."""

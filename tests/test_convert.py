@@ -15,6 +15,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from peft import set_peft_model_state_dict
 
+from conftest import convert_release
 from convert.__main__ import main as convert_main
 from convert.export import main as export_main
 from tsdsr_jax import model_dir
@@ -28,13 +29,6 @@ def rel_err(got, want) -> float:
     want = np.asarray(want, np.float64)
     return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
-
-def convert(release, out, *extra) -> int:
-    return convert_main(["--sd3", str(release.sd3), "--lora", str(release.lora),
-                         "--teacher-lora", str(release.teacher),
-                         "--embeddings", str(release.embeddings),
-                         "--null-embeddings", str(release.null_embeddings),
-                         "--out", str(out), "--dtype", "fp32", *extra])
 
 
 def torch_transformer(release, adapter, latents_nchw, timestep):
@@ -66,7 +60,7 @@ def ours_transformer(model, variables, latents_nchw, timestep):
 def converted(request, tmp_path_factory):
     release = request.getfixturevalue("release" if request.param == "sd3" else "release_sd35")
     out = tmp_path_factory.mktemp("converted") / "model"
-    assert convert(release, out) == 0
+    convert_release(release, out, "lora", "teacher", "embeddings", "null")
     return release, model_dir.load(out)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import infer
-from convert.__main__ import main as convert_main
+from conftest import convert_release
 from tsdsr_jax.images import load_image
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
@@ -41,11 +41,8 @@ def official_one_step(release, lr: np.ndarray, size: tuple[int, int]) -> np.ndar
 
 @pytest.fixture(scope="module")
 def converted(release, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "tsdsr"
-    assert convert_main(["--sd3", str(release.sd3), "--lora", str(release.lora),
-                         "--embeddings", str(release.embeddings), "--out", str(out),
-                         "--dtype", "fp32"]) == 0
-    return out
+    return convert_release(release, tmp_path_factory.mktemp("model") / "tsdsr", "lora",
+                           "embeddings")
 
 
 def test_parity_with_official_inference(release, converted, tmp_path):

@@ -13,7 +13,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 
 import train
 from configs import tiny
-from convert.__main__ import main as convert_main
+from conftest import convert_release
 from convert.export import main as export_main
 from convert.layout import to_flax
 from tsdsr_jax import model_dir
@@ -114,11 +114,8 @@ def test_wrong_config_key_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def incomplete_model(release, tmp_path_factory):
     """A model directory with embeddings but neither LPIPS nor a teacher."""
-    out = tmp_path_factory.mktemp("incomplete") / "model"
-    assert convert_main(["--sd3", str(release.sd3), "--embeddings", str(release.embeddings),
-                         "--null-embeddings", str(release.null_embeddings), "--out", str(out),
-                         "--dtype", "fp32"]) == 0
-    return out
+    return convert_release(release, tmp_path_factory.mktemp("incomplete") / "model",
+                           "embeddings", "null")
 
 
 @pytest.mark.parametrize("teacher,needle", [("lora", "no teacher LoRA"), ("sd3", "LPIPS")])

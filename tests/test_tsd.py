@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import get_peft_model_state_dict
 
-from conftest import add_lora
-from convert.__main__ import main as convert_main
+from conftest import add_lora, convert_release
 from convert.layout import to_flax, torch_name
 from tsdsr_jax import model_dir, tsd
 from tsdsr_jax.models import lpips as jax_lpips
@@ -151,11 +150,8 @@ def lpips_params(net) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(release, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tsd") / "model"
-    assert convert_main(["--sd3", str(release.sd3), "--lora", str(release.lora),
-                         "--teacher-lora", str(release.teacher), "--out", str(out),
-                         "--dtype", "fp32"]) == 0
-    model = model_dir.load(out)
+    model = model_dir.load(convert_release(release, tmp_path_factory.mktemp("tsd") / "model",
+                                           "lora", "teacher"))
     if "reg" not in release.transformer.peft_config:
         add_lora(release.transformer, FAKE_TARGETS, 4, "reg", 4)
     release.transformer.set_adapter("default")
