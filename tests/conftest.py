@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -125,3 +126,9 @@ def release(tmp_path_factory) -> Release:
 def release_sd35(tmp_path_factory) -> Release:
     """The same, for an SD3.5-style transformer (RMS qk-norm, a dual-attention block)."""
     return make_release(tmp_path_factory.mktemp("release35"), TINY_SD35)
+
+
+def rel_err(got, want) -> float:
+    """The largest absolute difference over the largest magnitude of the reference."""
+    want = np.asarray(want, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))

@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from peft import set_peft_model_state_dict
 
-from conftest import convert_release
+from conftest import convert_release, rel_err
 from convert.__main__ import main as convert_main
 from convert.export import main as export_main
 from tsdsr_jax import model_dir
@@ -23,12 +23,6 @@ from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
 from tsdsr_jax.safetensors_io import SafeTensors
-
-
-def rel_err(got, want) -> float:
-    want = np.asarray(want, np.float64)
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
-
 
 
 def torch_transformer(release, adapter, latents_nchw, timestep):

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image, ImageFilter
 
+from conftest import rel_err
 from convert.__main__ import main as convert_main
 from convert.layout import ConversionError
 from convert.lpips import plan_lpips
@@ -31,11 +32,6 @@ input_grad = jax.jit(jax.grad(lambda p, x, y, dtype=None: jnp.sum(lpips(p, x, y,
 SOME = [0, 4, 8]  # one pair per photo: blurred astronaut, noisy coffee, JPEG chelsea
 BACKBONES = {"alex": ("alexnet", torchvision.models.alexnet),
              "vgg": ("vgg16", torchvision.models.vgg16)}
-
-
-def rel_err(got, want) -> float:
-    want = np.asarray(want, np.float64)
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 def distorted(image: Image.Image, kind: str) -> Image.Image:

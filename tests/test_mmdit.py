@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
+from conftest import rel_err
 from convert.layout import match, to_flax
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import (MMDiT, MMDiTConfig, abstract_params, init_params,
@@ -79,10 +80,6 @@ def torch_forward(model: SD3Transformer2DModel, x, t, ctx, pooled) -> np.ndarray
 
 def flax_forward(cfg: MMDiTConfig, variables: dict, x, t, ctx, pooled) -> np.ndarray:
     return np.asarray(MMDiT(cfg).apply(variables, x, t, ctx, pooled))
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # --------------------------------------------------------------------------- tests

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import get_peft_model_state_dict
 
-from conftest import add_lora, convert_release
+from conftest import add_lora, convert_release, rel_err
 from convert.layout import to_flax, torch_name
 from tsdsr_jax import model_dir, tsd
 from tsdsr_jax.models import lpips as jax_lpips
@@ -181,11 +181,6 @@ def make_inputs(release, seed=0):
             "default_pooled": np.repeat(release.pooled_prompt_embeds.numpy(), B, 0),
             "null_embeds": np.repeat(null[None], B, 0),
             "null_pooled": np.repeat(null_pooled[None], B, 0)}
-
-
-def rel_err(got, want) -> float:
-    want = np.asarray(want, np.float64)
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 @pytest.mark.parametrize("dasm_steps", [1, 4])

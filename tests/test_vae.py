@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from peft import LoraConfig, get_peft_model_state_dict
 
+from conftest import rel_err
 from convert.layout import match, to_flax
 from tsdsr_jax import tree
 from tsdsr_jax.models import lora
@@ -66,10 +67,6 @@ def nchw(x):
 
 def nhwc(t):
     return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("d", [TINY, TINY_QUANT], ids=["plain", "quant"])
