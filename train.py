@@ -1,17 +1,22 @@
-"""TSD-SR training: ``python train.py --config configs/tsd.py [--config.key=value ...]``.
+"""Training: ``python train.py --config configs/tsd.py [--config.key=value ...]``.
 
-Sections: config → model and frozen base → data → state (new or resumed) → the jitted step →
-the loop (logs, validation images, checkpoints). Only LoRA adapters train; see tsdsr_jax/tsd.py
-for the objective and tsdsr_jax/trainer.py for the step.
+Two stages share this script: ``tsd`` (the one-step student, configs/tsd.py) and ``teacher``
+(the teacher LoRA on SD3's flow-matching loss, configs/teacher.py). Sections: model and frozen
+base → the stage (state, step, validation) → data → state (new or resumed) → the loop (logs,
+validation images, checkpoints). Only LoRA adapters train; see tsdsr_jax/tsd.py and
+tsdsr_jax/teacher.py for the objectives and tsdsr_jax/trainer.py for the steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +26,7 @@ from absl import app
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from tsdsr_jax import model_dir, trainer, tsd
+from tsdsr_jax import model_dir, schedule, teacher, trainer, tsd
 from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.checkpoint import Checkpoints
 from tsdsr_jax.data.layout import DataError
@@ -31,6 +36,7 @@ from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
 from tsdsr_jax.pipeline import PRECISIONS, to_uint8
+from tsdsr_jax.tree import flatten, nest
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 
@@ -42,29 +48,69 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- model
 
 
-def load_model(config: ml_collections.ConfigDict) -> tuple[model_dir.Model, object]:
-    """The model directory (or the tiny model) and its LPIPS params, checked for training."""
+def load_model(config: ml_collections.ConfigDict) -> model_dir.Model:
+    """The model directory (or the tiny model), checked for what the stage reads."""
     if config.model == "tiny":
         model = model_dir.tiny()
         model.embeddings["null"] = {k: jnp.zeros_like(v)
                                     for k, v in model.embeddings["default"].items()}
-        return model, lpips_model.init_params(jax.random.key(config.seed), "alex")
+        return model
     model = model_dir.load(config.model)
-    missing = [what for what, ok in (
-        ("the default-prompt embeddings (--embeddings)", "default" in model.embeddings),
-        ("the null-prompt embeddings (--null-embeddings)", "null" in model.embeddings),
-    ) if not ok]
+    needed = [("the null-prompt embeddings (--null-embeddings)", "null")]
+    if config.stage == "tsd":
+        needed.insert(0, ("the default-prompt embeddings (--embeddings)", "default"))
+    missing = [what for what, key in needed if key not in model.embeddings]
     if missing:
         raise ConfigError(f"{config.model} lacks " + " and ".join(missing)
                           + ": convert again with them")
-    if config.teacher == "lora" and "teacher" not in model.adapters:
-        raise ConfigError(f"{config.model} has no teacher LoRA (convert with --teacher-lora, "
-                          "or set --config.teacher=sd3 to let the plain SD3 model teach)")
+    return model
+
+
+def load_lpips(config: ml_collections.ConfigDict) -> object:
+    """LPIPS-alex for the TSD stage's data loss (random for the tiny model); None otherwise."""
+    if config.stage != "tsd":
+        return None
+    if config.model == "tiny":
+        return lpips_model.init_params(jax.random.key(config.seed), "alex")
     try:
-        lpips_params = model_dir.load_lpips(config.model)[1]
+        return model_dir.load_lpips(config.model)[1]
     except model_dir.ModelDirError as e:
         raise ConfigError(f"{e} (convert with --lpips-backbone alexnet-….pth)") from None
-    return model, lpips_params
+
+
+def load_teacher(config: ml_collections.ConfigDict, model: model_dir.Model) -> object:
+    """The TSD stage's teacher adapter: the model directory's (``lora``), none (``sd3``: plain
+    SD3 teaches), or the latest state of a teacher run's checkpoints folder (a path)."""
+    if config.stage != "tsd" or config.teacher == "sd3":
+        return None
+    if config.teacher == "lora":
+        if "teacher" not in model.adapters:
+            raise ConfigError(f"{config.model} has no teacher LoRA (convert with --teacher-lora, "
+                              "or set --config.teacher=sd3 to let the plain SD3 model teach)")
+        return model.adapters["teacher"]
+    try:
+        checkpoints = Checkpoints(config.teacher, create=False)
+        try:
+            state = checkpoints.restore_raw()
+        finally:
+            checkpoints.close()
+    except FileNotFoundError as e:
+        raise ConfigError(f"teacher={config.teacher!r}: {e}; expected 'lora', 'sd3' or a "
+                          "teacher run's checkpoints folder") from None
+    if "teacher" not in state:
+        raise ConfigError(f"{config.teacher}: not a teacher run's checkpoints")
+    adapter = flatten(state["teacher"])
+    rank = next(v.shape[-1] for k, v in adapter.items() if k.endswith(".lora_A"))
+    expected = {}
+    for path, (a, b) in lora.adapter_shapes(model.params["transformer"], STUDENT_TARGETS,
+                                            rank).items():
+        expected |= {f"{path}.lora_A": a, f"{path}.lora_B": b}
+    wrong = sorted(k for k in expected.keys() | adapter.keys()
+                   if k not in adapter or k not in expected or adapter[k].shape != expected[k])
+    if wrong:
+        raise ConfigError(f"{config.teacher}: its teacher LoRA does not fit {config.model}: "
+                          + ", ".join(wrong[:5]) + (" …" if len(wrong) > 5 else ""))
+    return nest({k: jnp.asarray(v) for k, v in adapter.items()})
 
 
 def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.Networks:
@@ -105,7 +151,7 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
     data = DataConfig(roots=tuple(config.data.roots), batch_size=config.batch_size,
                       seed=config.seed,
                       degradation=DegradeConfig() if config.data.degrade else None,
-                      spec=spec, skip_invalid=config.data.skip_invalid,
+                      lr=config.stage == "tsd", spec=spec, skip_invalid=config.data.skip_invalid,
                       num_workers=config.data.num_workers)
     return iter(train_batches(data))
 
@@ -132,10 +178,10 @@ class Logger:
                 self.tb.add_scalar(k, v, step)
 
 
-def validation_image(nets: tsd.Networks, frozen: trainer.Frozen, state: trainer.TrainState,
-                     batch: dict[str, np.ndarray]) -> np.ndarray:
-    """LR | SR | HR for the first sample of a batch (the student with its posterior mean)."""
-    lr = jnp.asarray(batch["lr"][:1])
+def validation_image(nets: tsd.Networks, state: trainer.TrainState, frozen: trainer.Frozen,
+                     batch: dict[str, jax.Array]) -> jax.Array:
+    """LR | SR | HR in [0, 1] for the first sample of a batch (the student, posterior mean)."""
+    lr = batch["lr"][:1]
     vae_config = nets.vae.config
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
     no_noise = jnp.zeros((1, lr.shape[1] // factor, lr.shape[2] // factor,
@@ -143,48 +189,113 @@ def validation_image(nets: tsd.Networks, frozen: trainer.Frozen, state: trainer.
     adapters = tsd.Adapters(*state.student, frozen.teacher, state.fake_score)
     default = tsd.Prompts(frozen.default.embeds[None], frozen.default.pooled[None])
     _, z_hat = tsd.student(nets, frozen.base, adapters, lr, no_noise, default)
-    sr = nets.vae.apply({"params": frozen.base["vae"]}, z_hat / nets.scaling_factor,
-                        method="decode")
-    row = [np.asarray(lr[0]), np.asarray(jnp.clip(sr[0], -1, 1)), batch["hr"][0]]
-    return to_uint8(np.concatenate(row, axis=1) * 0.5 + 0.5)
+    row = [lr[0], jnp.clip(decode(nets, frozen, z_hat)[0], -1, 1), batch["hr"][0]]
+    return jnp.concatenate(row, axis=1) * 0.5 + 0.5
+
+
+def teacher_validation_image(nets: tsd.Networks, state: trainer.TeacherState,
+                             frozen: trainer.Frozen, batch: dict[str, jax.Array], *,
+                             num_steps: int, guidance_scale: float, strength: float, seed: int
+                             ) -> jax.Array:
+    """HR | HR noised to ``strength`` | the teacher's denoising of it | the teacher's sample
+    from pure noise, for the first sample's caption (in [0, 1]; fixed noise from ``seed``)."""
+    latents = (batch["latent_hr"][:1] if "latent_hr" in batch
+               else trainer.hr_latents(nets, frozen.base, batch["hr"][:1]))
+    noise = jax.random.normal(jax.random.key(seed), latents.shape)
+    prompts = tsd.Prompts(batch["prompt_embeds"][:1], batch["pooled_prompt_embeds"][:1])
+    null = tsd.Prompts(frozen.null.embeds[None], frozen.null.pooled[None])
+    run = functools.partial(teacher.denoise, nets, frozen.base["transformer"], state.teacher,
+                            latents, noise, num_steps, prompts=prompts, null=null,
+                            guidance_scale=guidance_scale)
+    sigma = teacher.img2img_sigmas(num_steps, strength)[0]
+    noised = schedule.add_noise(latents, noise, jnp.full((1,), sigma))
+    images = [decode(nets, frozen, z) for z in (noised, run(strength=strength),
+                                                run(strength=1.0))]
+    row = [batch["hr"][0]] + [jnp.clip(x[0], -1, 1) for x in images]
+    return jnp.concatenate(row, axis=1) * 0.5 + 0.5
+
+
+def decode(nets: tsd.Networks, frozen: trainer.Frozen, latents: jax.Array) -> jax.Array:
+    """``D(z / s)`` with the frozen decoder, float32."""
+    x = nets.vae.apply({"params": frozen.base["vae"]},
+                       (latents / nets.scaling_factor).astype(nets.vae.config.dtype),
+                       method="decode")
+    return x.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Stage(NamedTuple):
+    """What differs between the TSD-SR stage and the teacher stage: the state, the step, the
+    validation image and the scalars the progress bar shows."""
+
+    state: object
+    step: Callable          # (state, frozen, batch) -> (state, metrics); jitted by the loop
+    validate: Callable      # (state, frozen, batch) -> image in [0, 1]; jitted by the loop
+    shown: tuple[str, ...]
+
+
+def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
+              rng: jax.Array) -> Stage:
+    tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                                  for k, v in config.tsd.items()})
+    opt_student = trainer.optimizer(trainer.OptimConfig(**config.optim_student))
+    opt_fake = trainer.optimizer(trainer.OptimConfig(**config.optim_fake_score))
+    state = trainer.init_state(rng, model.params, initial_student(model, config, rng),
+                               config.fake_score_rank, opt_student, opt_fake)
+    step = functools.partial(trainer.train_step, nets=nets, config=tsd_config,
+                             opt_student=opt_student, opt_fake=opt_fake)
+    return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"))
+
+
+def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
+                  rng: jax.Array) -> Stage:
+    flow = teacher.FlowMatchingConfig(**config.flow)
+    opt = trainer.optimizer(trainer.OptimConfig(**config.optim_teacher))
+    if config.init_teacher == "model" and "teacher" not in model.adapters:
+        raise ConfigError(f"init_teacher='model' but {config.model} has no teacher LoRA")
+    adapter = model.adapters["teacher"] if config.init_teacher == "model" else None
+    state = trainer.init_teacher_state(rng, model.params, adapter, config.teacher_rank, opt)
+    step = functools.partial(trainer.teacher_step, nets=nets, config=flow, opt=opt)
+    sample = ml_collections.ConfigDict(config.sample).to_dict()
+    validate = functools.partial(teacher_validation_image, nets, seed=config.seed, **sample)
+    return Stage(state, step, validate, ("loss",))
 
 
 # --------------------------------------------------------------------------- main
 
 
 def train(config: ml_collections.ConfigDict) -> None:
-    if config.teacher not in ("lora", "sd3"):
-        raise ConfigError(f"teacher={config.teacher!r}: 'lora' or 'sd3'")
+    if config.stage not in ("tsd", "teacher"):
+        raise ConfigError(f"stage={config.stage!r}: 'tsd' or 'teacher'")
     workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    model, lpips_params = load_model(config)
+    model = load_model(config)
+    teacher_adapter = load_teacher(config, model)
+    lpips_params = load_lpips(config)
     nets = networks(model, config)
     dtype = PRECISIONS[config.precision]
+    cast = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
     emb = {k: tsd.Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
            for k, v in model.embeddings.items()}
-    frozen = trainer.Frozen(
-        base=jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.params),
-        teacher=model.adapters["teacher"] if config.teacher == "lora" else None,
-        default=emb["default"], null=emb["null"],
-        lpips=jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), lpips_params))
-    tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                                  for k, v in config.tsd.items()})
-    opt_student = trainer.optimizer(trainer.OptimConfig(**config.optim_student))
-    opt_fake = trainer.optimizer(trainer.OptimConfig(**config.optim_fake_score))
-    batches = data_iterator(config, model)
-
+    frozen = trainer.Frozen(base=cast(model.params), teacher=teacher_adapter,
+                            default=emb.get("default"), null=emb["null"],
+                            lpips=lpips_params and cast(lpips_params))
     rng = jax.random.PRNGKey(config.seed)
-    state = trainer.init_state(rng, model.params, initial_student(model, config, rng),
-                               config.fake_score_rank, opt_student, opt_fake)
+    stage = (tsd_stage if config.stage == "tsd" else teacher_stage)(config, model, nets, rng)
+    batches = data_iterator(config, model)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    state = stage.state
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     if checkpoints.latest_step() is not None:
         state, data_state = checkpoints.restore(state)
         batches.set_state(data_state)
         print(f"resumed from step {int(state.step)}")
 
-    step_fn = jax.jit(lambda s, f, b: trainer.train_step(s, f, b, nets, tsd_config, opt_student,
-                                                          opt_fake), donate_argnums=0)
+    step_fn = jax.jit(stage.step, donate_argnums=0)
+    validate = jax.jit(stage.validate)
     logger = Logger(workdir)
     start = int(state.step)
     with tqdm(total=config.total_steps, initial=start, unit="step") as bar:
@@ -196,10 +307,10 @@ def train(config: ml_collections.ConfigDict) -> None:
                 scalars = {k: float(v) for k, v in metrics.items()}
                 scalars["step_time_s"] = time.perf_counter() - tic
                 logger.write(step, scalars)
-                bar.set_postfix_str(f"loss {scalars['loss']:.4f} reg {scalars['reg_loss']:.4f}")
+                bar.set_postfix_str(" ".join(f"{k} {scalars[k]:.4f}" for k in stage.shown))
             if step % config.validate_every == 0:
-                save_png(validation_image(nets, frozen, state, batch),
-                         workdir / "validation" / f"step_{step:07d}.png")
+                image = to_uint8(np.asarray(validate(state, frozen, batch)))
+                save_png(image, workdir / "validation" / f"step_{step:07d}.png")
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 checkpoints.save(step, state, batches.get_state())
             bar.update(1)

@@ -13,6 +13,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.stage = "tsd"
     c.model = "models/tsdsr"          # a model directory from `python -m convert`
     c.workdir = "workdirs/tsd"
     c.seed = 43
@@ -22,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.remat_policy = "full"           # none | full | dots: rematerialise transformer blocks
     c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
     c.init_student = "random"         # random (peft init) | model (the model dir's student)
-    c.teacher = "lora"                # lora (the model dir's teacher LoRA) | sd3 (plain SD3)
+    # lora (the model dir's teacher LoRA) | sd3 (plain SD3) | a teacher run's checkpoints folder
+    # (configs/teacher.py's WORKDIR/checkpoints: its latest teacher LoRA)
+    c.teacher = "lora"
     c.student_rank = 64
     c.student_vae_rank = 64
     c.fake_score_rank = 64            # the released script's 64 (its default is 16)

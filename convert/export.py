@@ -45,12 +45,15 @@ def model_adapters(path: Path) -> dict[str, Mapping[str, np.ndarray]]:
 
 
 def checkpoint_adapters(path: Path, step: int | None) -> dict[str, Mapping[str, np.ndarray]]:
-    """The trained adapters of a training checkpoint (the student's and the fake score's)."""
+    """The trained adapters of a training checkpoint: the student's and the fake score's (a
+    TSD-SR run) or the teacher's (a teacher run)."""
     checkpoints = Checkpoints(path, create=False)
     try:
         state = checkpoints.restore_raw(step)
     finally:
         checkpoints.close()
+    if "teacher" in state:
+        return {"teacher": flatten(state["teacher"])}
     student, student_vae = state["student"]
     return {"student": flatten(student), "student_vae": flatten(student_vae),
             "fake_score": flatten(state["fake_score"])}

@@ -12,6 +12,8 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, get_peft_model_state_dict
 
+from convert.layout import to_flax
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 STUDENT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -126,6 +128,14 @@ def release(tmp_path_factory) -> Release:
 def release_sd35(tmp_path_factory) -> Release:
     """The same, for an SD3.5-style transformer (RMS qk-norm, a dual-attention block)."""
     return make_release(tmp_path_factory.mktemp("release35"), TINY_SD35)
+
+
+def peft_grads(model: torch.nn.Module, adapter: str) -> dict[str, np.ndarray]:
+    """The gradients on one peft adapter's LoRA weights, keyed by our leaf path, in our layout."""
+    suffix = f".{adapter}.weight"
+    return {name.removesuffix(suffix): to_flax(name.removesuffix(suffix), p.grad.numpy())
+            for name, p in model.named_parameters()
+            if "lora_" in name and name.endswith(suffix) and p.grad is not None}
 
 
 def rel_err(got, want) -> float:

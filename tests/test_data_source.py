@@ -131,10 +131,10 @@ def test_missing_partner_is_named_or_skipped(tmp_path, caplog):
     (root / "gt" / "0000002.png").unlink()
     (root / "pool_embeds" / "0000003.npy").unlink()
     with pytest.raises(DataError) as e:
-        scan([root], degrade=False)
+        scan([root], read_lr=True)
     assert "lr_bicubic/0000002.png: no partner gt/0000002.*" in str(e.value)
     assert "pool_embeds/0000003.*" in str(e.value)
-    records, problems = scan([root], degrade=False, skip_invalid=True)
+    records, problems = scan([root], read_lr=True, skip_invalid=True)
     assert [Path(r.hr).stem for r in records] == ["0000000", "0000001"] and len(problems) == 2
     assert "skipping 2 incomplete samples" in caplog.text and "0000003" in caplog.text
 
@@ -146,8 +146,8 @@ def test_latents_in_some_roots_only_is_an_error(tmp_path):
         f.unlink()
     (b / "latent_hr").rmdir()
     with pytest.raises(DataError, match=f"{b}: no latent_hr/"):
-        scan([a, b], degrade=False)
-    records, _ = scan([a, b], degrade=False, latents=False)
+        scan([a, b], read_lr=True)
+    records, _ = scan([a, b], read_lr=True, latents=False)
     assert len(records) == 4 and all(r.latent_hr is None for r in records)
 
 
@@ -163,6 +163,6 @@ def test_corrupt_files_are_named_or_skipped(tmp_path):
     assert got == [0]
     for bad, message in ((1, "cannot read image"), (2, r"shape \(4, 8\), expected \(5, 8\)"),
                          (3, "not a readable safetensors file")):
-        records, _ = scan([root], degrade=False)
+        records, _ = scan([root], read_lr=True)
         with pytest.raises(DataError, match=f"{bad:07d}.*{message}"):
             load_sample(records[bad], 0, SPEC, None, (0,))

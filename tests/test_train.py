@@ -1,11 +1,14 @@
-"""`train.py` with configs/tiny.py on the bundled photos: losses fall, resume is exact."""
+"""`train.py` with configs/tiny.py on the bundled photos: losses fall, resume is exact; the
+teacher stage (configs/tiny.py:teacher) learns, exports, samples and feeds TSD-SR."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -16,10 +19,11 @@ from configs import tiny
 from conftest import convert_release
 from convert.export import main as export_main
 from convert.layout import to_flax
-from tsdsr_jax import model_dir
+from tsdsr_jax import model_dir, teacher, trainer, tsd
 from tsdsr_jax.adapters import STUDENT_TARGETS
 from tsdsr_jax.checkpoint import Checkpoints
 from tsdsr_jax.data.layout import DataError
+from tsdsr_jax.models import lora
 from tsdsr_jax.tree import flatten
 
 
@@ -32,8 +36,8 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", None)
 
 
-def run(workdir, total_steps, **overrides):
-    config = tiny.get_config()
+def run(workdir, total_steps, stage="tsd", **overrides):
+    config = tiny.get_config(stage)
     config.unlock()
     config.workdir, config.total_steps = str(workdir), total_steps
     config.update(dict(log_every=1, validate_every=60, checkpoint_every=60, **overrides))
@@ -68,28 +72,106 @@ def test_losses_fall_and_resume_is_exact(tmp_path):
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
-    check_export(tmp_path / "resumed" / "checkpoints", a, tmp_path / "official")
+    check_export(tmp_path / "resumed" / "checkpoints", a["student"][0], tmp_path / "official",
+                 {"transformer.safetensors", "vae.safetensors", "transformer_reg.safetensors"},
+                 "transformer.safetensors")
 
 
-def check_export(checkpoints, state, out):
-    """The trained student exports to official files that diffusers + peft load exactly."""
+def check_export(checkpoints, adapter, out, files, weight_name):
+    """A trained transformer adapter exports to official files that diffusers + peft load
+    exactly."""
     assert export_main(["--checkpoint", str(checkpoints), "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"transformer.safetensors", "vae.safetensors",
-                                               "transformer_reg.safetensors"}
+    assert {p.name for p in out.iterdir()} == files
     cfg = model_dir.TINY_TRANSFORMER.to_dict()
     transformer = SD3Transformer2DModel(**{k: v for k, v in cfg.items() if k not in (
         "dtype", "attention_impl", "remat_policy")})
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(STUDENT_TARGETS)))
-    official = StableDiffusion3Pipeline.lora_state_dict(out, weight_name="transformer.safetensors")
+    official = StableDiffusion3Pipeline.lora_state_dict(out, weight_name=weight_name)
     result = set_peft_model_state_dict(
         transformer, {k.removeprefix("transformer."): v for k, v in official.items()})
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys if "lora_" in k]
-    trained = flatten(state["student"][0])
+    trained = flatten(adapter)
     for path, value in trained.items():
         module = transformer.get_submodule(path.rsplit(".", 1)[0])
         got = getattr(module, path.rsplit(".", 1)[1])["default"].weight.detach().numpy()
         np.testing.assert_array_equal(to_flax(path, got), value)
+
+
+# ------------------------------------------------------------------ the teacher stage
+
+
+def held_out_loss(config, adapter) -> float:
+    """The flow-matching loss of ``adapter`` on every training photo at eight fixed σ (fixed
+    noise, no caption dropout): the training loss without its sampling noise."""
+    model = train.load_model(config)
+    nets = train.networks(model, config)
+    flow = teacher.FlowMatchingConfig(caption_dropout=0.0)
+    null = model.embeddings["null"]
+    batches = train.data_iterator(config, model)
+    losses = []
+    for i in range(3):  # the three photos of tests/data/train, in some order
+        batch = next(batches)
+        latents = trainer.hr_latents(nets, model.params, jnp.asarray(batch["hr"]))
+        latents = jnp.repeat(latents, 8, axis=0)
+        noise = teacher.FlowNoise(jnp.linspace(-2.5, 2.5, 8),
+                                  jax.random.normal(jax.random.key(i), latents.shape),
+                                  jnp.zeros(8, bool))
+        prompts = tsd.Prompts(*(jnp.repeat(jnp.asarray(batch[k]), 8, axis=0)
+                                for k in ("prompt_embeds", "pooled_prompt_embeds")))
+        empty = tsd.Prompts(*(jnp.broadcast_to(jnp.asarray(null[k]), (8, *null[k].shape))
+                              for k in ("prompt_embeds", "pooled_prompt_embeds")))
+        loss, _ = teacher.flow_matching_loss(adapter, nets, model.params["transformer"], latents,
+                                             prompts, empty, noise, flow)
+        losses.append(float(loss))
+    return float(np.mean(losses))
+
+
+def test_teacher_stage_learns_samples_exports_and_teaches(tmp_path):
+    config = tiny.get_config("teacher")
+    metrics = run(tmp_path / "teacher", 120, stage="teacher")
+    assert len(metrics) == 120 and not any(m["skipped"] for m in metrics)
+    state = final_state(tmp_path / "teacher")
+    start = lora.init_adapter(jax.random.key(0), model_dir.tiny().params["transformer"],
+                              STUDENT_TARGETS, config.teacher_rank)  # B = 0: the plain base
+    before, after = held_out_loss(config, start), held_out_loss(config, state["teacher"])
+    assert after < 0.8 * before, (before, after)
+    assert (tmp_path / "teacher" / "validation" / "step_0000060.png").is_file()
+
+    # the sampler: deterministic for a seed, another seed gives another sample
+    model = train.load_model(config)
+    nets = train.networks(model, config)
+    frozen = trainer.Frozen(model.params, None, None, tsd.Prompts(
+        *(jnp.asarray(model.embeddings["null"][k]) for k in ("prompt_embeds",
+                                                            "pooled_prompt_embeds"))), None)
+    batch = {k: jnp.asarray(v) for k, v in next(train.data_iterator(config, model)).items()}
+    teacher_state = trainer.TeacherState(*(state[k] for k in trainer.TeacherState._fields))
+    sample = lambda seed: np.asarray(jax.jit(functools.partial(  # noqa: E731
+        train.teacher_validation_image, nets, seed=seed, **config.sample))(
+            teacher_state, frozen, batch))
+    first = sample(0)
+    assert first.shape == (64, 4 * 64, 3) and np.isfinite(first).all()
+    np.testing.assert_array_equal(first, sample(0))
+    assert np.abs(first[:, 192:] - sample(1)[:, 192:]).max() > 1e-3
+
+    # the official file, and the TSD stage reading the run directly
+    checkpoints = tmp_path / "teacher" / "checkpoints"
+    check_export(checkpoints, state["teacher"], tmp_path / "official", {"teacher.safetensors"},
+                 "teacher.safetensors")
+    tsd_config = tiny_config(teacher=str(checkpoints))
+    loaded = train.load_teacher(tsd_config, model_dir.tiny())
+    for path, value in flatten(state["teacher"]).items():
+        np.testing.assert_array_equal(flatten(loaded)[path], value)
+
+
+def test_teacher_that_is_not_a_teacher_run_is_refused(tmp_path):
+    with pytest.raises(train.ConfigError, match="teacher run's checkpoints folder"):
+        train.load_teacher(tiny_config(teacher=str(tmp_path / "nothing")), model_dir.tiny())
+    checkpoints = Checkpoints(tmp_path / "tsd")
+    checkpoints.save(1, {"student": {"a": np.zeros(2)}})
+    checkpoints.close()
+    with pytest.raises(train.ConfigError, match="not a teacher run"):
+        train.load_teacher(tiny_config(teacher=str(tmp_path / "tsd")), model_dir.tiny())
 
 
 # ------------------------------------------------------------------ errors before compiling
@@ -122,6 +204,15 @@ def incomplete_model(release, tmp_path_factory):
 def test_incomplete_model_is_refused(incomplete_model, tmp_path, teacher, needle):
     config = tiny_config(model=str(incomplete_model), teacher=teacher, workdir=str(tmp_path))
     with pytest.raises(train.ConfigError, match=needle):
+        train.train(config)
+
+
+def test_teacher_stage_needs_the_null_prompt(release, tmp_path):
+    model = convert_release(release, tmp_path / "model", "embeddings")
+    config = tiny.get_config("teacher")
+    config.unlock()
+    config.update(dict(model=str(model), workdir=str(tmp_path / "run")))
+    with pytest.raises(train.ConfigError, match="null-prompt embeddings"):
         train.train(config)
 
 

@@ -1,4 +1,5 @@
-"""The TSD-SR train step: the student's and the fake score's AdamW updates on one frozen base.
+"""The train steps: TSD-SR's (the student's and the fake score's AdamW updates) and the teacher
+stage's (one LoRA on SD3's flow-matching loss), each on one frozen base.
 
 Only LoRA adapters train (float32 master weights); the SD3 base, the teacher adapter, the
 prompt embeddings and LPIPS are a frozen pytree read by every step. A step whose loss or
@@ -14,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tsdsr_jax import tsd
-from tsdsr_jax.adapters import FAKE_SCORE_TARGETS
+from tsdsr_jax import teacher, tsd
+from tsdsr_jax.adapters import FAKE_SCORE_TARGETS, STUDENT_TARGETS
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.lpips import lpips
 
@@ -82,10 +83,10 @@ class Frozen(NamedTuple):
     """What every step reads and never changes."""
 
     base: PyTree                    # {'transformer': …, 'vae': …}
-    teacher: PyTree | None          # the teacher adapter (None: plain SD3)
+    teacher: PyTree | None          # the teacher adapter (None: plain SD3 or the teacher stage)
     default: tsd.Prompts            # unbatched (L, D) and (P,)
     null: tsd.Prompts
-    lpips: PyTree
+    lpips: PyTree | None            # None in the teacher stage
 
 
 def init_state(rng: jax.Array, base: PyTree, student: tuple[PyTree, PyTree],
@@ -155,3 +156,49 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array],
     new_state = TrainState(state.step + 1, student, fake, opt_student_state, opt_fake_state,
                            skipped, rng)
     return new_state, metrics
+
+
+# --------------------------------------------------------------------------- the teacher stage
+
+
+class TeacherState(NamedTuple):
+    """The teacher stage's state: one adapter and its optimiser."""
+
+    step: jax.Array
+    teacher: PyTree
+    opt_teacher: optax.OptState
+    skipped: jax.Array              # () updates skipped as non-finite
+    rng: jax.Array
+
+
+def init_teacher_state(rng: jax.Array, base: PyTree, adapter: PyTree | None, rank: int,
+                       opt: optax.GradientTransformation) -> TeacherState:
+    """A fresh state from ``adapter`` (to fine-tune further) or a new one at the student's
+    targets (peft init)."""
+    rng, init_rng = jax.random.split(rng)
+    if adapter is None:
+        adapter = lora.init_adapter(init_rng, base["transformer"], STUDENT_TARGETS, rank)
+    adapter = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), adapter)
+    return TeacherState(jnp.zeros((), jnp.int32), adapter, opt.init(adapter),
+                        jnp.zeros((), jnp.int32), rng)
+
+
+def teacher_step(state: TeacherState, frozen: Frozen, batch: dict[str, jax.Array],
+                 nets: tsd.Networks, config: teacher.FlowMatchingConfig,
+                 opt: optax.GradientTransformation) -> tuple[TeacherState, dict[str, jax.Array]]:
+    """One flow-matching step on the HR latents and captions of a batch (jit with ``nets``,
+    ``config`` and ``opt`` static)."""
+    latents = batch["latent_hr"] if "latent_hr" in batch else hr_latents(nets, frozen.base,
+                                                                          batch["hr"])
+    rng, step_rng = jax.random.split(state.rng)
+    noise = teacher.sample_noise(step_rng, latents.shape, config)
+    prompts = tsd.Prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"])
+    (loss, aux), grads = jax.value_and_grad(teacher.flow_matching_loss, has_aux=True)(
+        state.teacher, nets, frozen.base["transformer"], latents, prompts,
+        _batched(frozen.null, latents.shape[0]), noise, config)
+    ok = _all_finite(loss, grads)
+    adapter, opt_state = _update(state.teacher, grads, state.opt_teacher, opt, ok)
+    skipped = state.skipped + (~ok).astype(jnp.int32)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "sigma_mean":
+               jnp.mean(aux["sigma"]), "skipped": skipped}
+    return TeacherState(state.step + 1, adapter, opt_state, skipped, rng), metrics

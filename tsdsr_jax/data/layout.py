@@ -36,7 +36,8 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """The files of one training sample (``lr`` is None when the LR is made on the fly)."""
+    """The files of one training sample (``lr`` is None when the LR is made on the fly or not
+    needed)."""
 
     name: str
     hr: str
@@ -66,10 +67,12 @@ def sort_key(stem: str) -> tuple:
     return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
 
 
-def scan(roots: list[str | os.PathLike], degrade: bool, latents: bool | None = None,
+def scan(roots: list[str | os.PathLike], read_lr: bool, latents: bool | None = None,
          skip_invalid: bool = False) -> tuple[list[Record], list[str]]:
     """The records of all ``roots`` in order, and the problems found (files without their
-    partners). ``latents``: require ``latent_hr`` (None: when the roots have it; all or none).
+    partners). ``read_lr``: samples are listed from ``lr_bicubic/`` (else from ``gt/``, for an
+    LR made on the fly or none at all). ``latents``: require ``latent_hr`` (None: when the
+    roots have it; all or none).
     Raises ``DataError`` listing the problems unless ``skip_invalid``, which drops those samples."""
     roots = [Path(r) for r in roots]
     if latents is None:
@@ -84,13 +87,13 @@ def scan(roots: list[str | os.PathLike], degrade: bool, latents: bool | None = N
     for root in roots:
         if not root.is_dir():
             raise DataError(f"{root}: no such folder")
-        lead = GT if degrade else LR
+        lead = LR if read_lr else GT
         if not (root / lead).is_dir():
             raise DataError(f"{root}: has no {lead}/ folder")
         files = {folder: stems(root / folder, IMAGE_EXTENSIONS) for folder in (GT, LR)}
         for folder in (PROMPT_EMBEDS, POOL_EMBEDS) + ((LATENT_HR,) if latents else ()):
             files[folder] = stems(root / folder, TENSOR_EXTENSIONS)
-        partners = [f for f in files if f != lead and not (degrade and f == LR)]
+        partners = [f for f in files if f != lead and (read_lr or f != LR)]
         for stem in sorted(files[lead], key=sort_key):
             missing = [f"{folder}/{stem}.*" for folder in partners if stem not in files[folder]]
             if missing:
@@ -100,7 +103,7 @@ def scan(roots: list[str | os.PathLike], degrade: bool, latents: bool | None = N
             path = {folder: str(root / folder / names[stem])
                     for folder, names in files.items() if stem in names}
             records.append(Record(
-                name=f"{root}/{stem}", hr=path[GT], lr=None if degrade else path[LR],
+                name=f"{root}/{stem}", hr=path[GT], lr=path[LR] if read_lr else None,
                 prompt_embeds=path[PROMPT_EMBEDS], pooled_prompt_embeds=path[POOL_EMBEDS],
                 latent_hr=path.get(LATENT_HR) if latents else None))
     if problems:

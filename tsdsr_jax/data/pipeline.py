@@ -4,7 +4,7 @@ prefetched in worker processes, with a checkpointable iterator.
 ::
 
     it = iter(train_batches(DataConfig(roots=[...], batch_size=2)))
-    batch = next(it)        # {'lr', 'hr': (B,512,512,3) in [-1,1], 'prompt_embeds': (B,333,4096),
+    batch = next(it)        # {['lr',] 'hr': (B,512,512,3) in [-1,1], 'prompt_embeds': (B,333,4096),
                             #  'pooled_prompt_embeds': (B,2048)[, 'latent_hr': (B,64,64,16)]}
     state = it.get_state()  # a small dict; it.set_state(state) continues exactly from here
 """
@@ -32,6 +32,7 @@ class DataConfig:
     seed: int = 0
     num_epochs: int | None = None          # None: repeat forever (reshuffled every epoch)
     degradation: DegradeConfig | None = None  # None: read lr_bicubic/; else make the LR
+    lr: bool = True                        # False: no LR at all (the teacher stage)
     spec: SampleSpec = dataclasses.field(default_factory=SampleSpec)
     latents: bool | None = None            # require latent_hr/ (None: if the roots have it)
     skip_invalid: bool = False             # drop (and log) broken samples instead of raising
@@ -54,13 +55,13 @@ def train_batches(config: DataConfig) -> grain.IterDataset:
     count = jax.process_count() if config.shard_count is None else config.shard_count
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count}")
-    records, _ = scan(list(config.roots), degrade=config.degradation is not None,
+    records, _ = scan(list(config.roots), read_lr=config.lr and config.degradation is None,
                       latents=config.latents, skip_invalid=config.skip_invalid)
     usable = len(records) // count * count
     if usable == 0:
         raise ValueError(f"{len(records)} records cannot be split into {count} shards")
-    loader = SampleLoader(config.spec, config.degradation, (config.seed, index),
-                          config.skip_invalid)
+    degradation = config.degradation if config.lr else None
+    loader = SampleLoader(config.spec, degradation, (config.seed, index), config.skip_invalid)
     ds = (grain.MapDataset.source(records[:usable])[index::count]
           .shuffle(seed=config.seed)
           .repeat(config.num_epochs)

@@ -90,21 +90,21 @@ def load_sample(record: Record, index: int, spec: SampleSpec,
                 degradation: degrade_lib.DegradeConfig | None, seed: tuple[int, ...]
                 ) -> dict[str, Any]:
     """One training sample. With ``degradation`` the LR is made from the HR, deterministically
-    from (``*seed``, ``index``); otherwise it is read from ``lr_bicubic/``."""
+    from (``*seed``, ``index``); otherwise it is read from ``lr_bicubic/``, if the record has
+    one (the teacher stage reads none)."""
     side = spec.resolution
     hr = _image(record.hr, side)
-    if degradation is None:
-        lr = to_unit(_image(record.lr, side))
-    else:
-        lr = degrade_lib.degrade(hr, degradation, degrade_lib.rng(*seed, index))
     sample = {
-        "lr": lr,
         "hr": to_unit(hr),
         "prompt_embeds": _squeeze_to(read_tensor(record.prompt_embeds), spec.prompt_shape,
                                      record.prompt_embeds),
         "pooled_prompt_embeds": _squeeze_to(read_tensor(record.pooled_prompt_embeds),
                                             (spec.pooled_dim,), record.pooled_prompt_embeds),
     }
+    if degradation is not None:
+        sample["lr"] = degrade_lib.degrade(hr, degradation, degrade_lib.rng(*seed, index))
+    elif record.lr is not None:
+        sample["lr"] = to_unit(_image(record.lr, side))
     if record.latent_hr is not None:
         sample["latent_hr"] = _squeeze_to(read_tensor(record.latent_hr), spec.latent_shape,
                                           record.latent_hr, nchw=True)
