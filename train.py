@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from tsdsr_jax import model_dir, schedule, teacher, trainer, tsd
+from tsdsr_jax import model_dir, schedule, sharding, teacher, trainer, tsd
 from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.checkpoint import Checkpoints
 from tsdsr_jax.data.layout import DataError
@@ -39,6 +40,10 @@ from tsdsr_jax.pipeline import PRECISIONS, to_uint8
 from tsdsr_jax.tree import flatten, nest
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+FLAGS = flags.FLAGS
+flags.DEFINE_string("coordinator", None, "multi-process runs: host:port of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-process runs: how many processes")
+flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
 
 
 class ConfigError(ValueError):
@@ -138,12 +143,14 @@ def initial_student(model: model_dir.Model, config: ml_collections.ConfigDict, r
 
 
 def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
+    """This process's rows of every global batch (``config.data.shards`` streams, 0: one per
+    process; fix it to keep the data order when the number of processes changes)."""
     from tsdsr_jax.data.degrade import DegradeConfig
-    from tsdsr_jax.data.pipeline import DataConfig, train_batches
+    from tsdsr_jax.data.pipeline import DataConfig, ProcessBatches
     from tsdsr_jax.data.source import SampleSpec
 
     t, v = model.transformer_config, model.vae_config
-    prompt_len = model.embeddings["default"]["prompt_embeds"].shape[0]
+    prompt_len = model.embeddings["null"]["prompt_embeds"].shape[0]
     spec = SampleSpec(resolution=config.data.resolution,
                       prompt_shape=(prompt_len, t.joint_attention_dim),
                       pooled_dim=t.pooled_projection_dim, latent_channels=v.latent_channels,
@@ -153,16 +160,24 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
                       degradation=DegradeConfig() if config.data.degrade else None,
                       lr=config.stage == "tsd", spec=spec, skip_invalid=config.data.skip_invalid,
                       num_workers=config.data.num_workers)
-    return iter(train_batches(data))
+    shards = config.data.shards or jax.process_count()
+    if shards % jax.process_count() or config.batch_size % shards:
+        raise ConfigError(f"data.shards={shards} must be a multiple of the {jax.process_count()} "
+                          f"processes and divide batch_size={config.batch_size}")
+    return ProcessBatches(data, shards)
 
 
 # --------------------------------------------------------------------------- logging
 
 
 class Logger:
-    """Scalars to ``workdir/metrics.jsonl`` and TensorBoard (when tensorboardX is installed)."""
+    """Scalars to ``workdir/metrics.jsonl`` and TensorBoard (when tensorboardX is installed);
+    only process 0 writes."""
 
     def __init__(self, workdir: Path):
+        self.file = self.tb = None
+        if jax.process_index() != 0:
+            return
         self.file = open(workdir / "metrics.jsonl", "a")
         try:
             from tensorboardX import SummaryWriter
@@ -171,6 +186,8 @@ class Logger:
             self.tb = None
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, **scalars}) + "\n")
         self.file.flush()
         if self.tb:
@@ -270,12 +287,21 @@ def train(config: ml_collections.ConfigDict) -> None:
     if config.stage not in ("tsd", "teacher"):
         raise ConfigError(f"stage={config.stage!r}: 'tsd' or 'teacher'")
     workdir = Path(config.workdir)
+    try:
+        shard_config = sharding.ShardingConfig(**config.sharding)
+        mesh = sharding.make_mesh(shard_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.batch_size % mesh.size:
+        raise ConfigError(f"batch_size={config.batch_size} does not split over the mesh's "
+                          f"{mesh.size} devices (data={mesh.shape['data']} x "
+                          f"fsdp={mesh.shape['fsdp']})")
     model = load_model(config)
     teacher_adapter = load_teacher(config, model)
     lpips_params = load_lpips(config)
     nets = networks(model, config)
     dtype = PRECISIONS[config.precision]
-    cast = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
+    cast = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), tree)  # noqa: E731
     emb = {k: tsd.Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
            for k, v in model.embeddings.items()}
     frozen = trainer.Frozen(base=cast(model.params), teacher=teacher_adapter,
@@ -284,23 +310,35 @@ def train(config: ml_collections.ConfigDict) -> None:
     rng = jax.random.PRNGKey(config.seed)
     stage = (tsd_stage if config.stage == "tsd" else teacher_stage)(config, model, nets, rng)
     batches = data_iterator(config, model)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    state = stage.state
+    # ------------------------------------------------------------ on the mesh
+    frozen_shardings = sharding.shardings(frozen, mesh, True, shard_config.min_shard_size)
+    frozen = sharding.put(frozen, frozen_shardings)
+    state_shardings = sharding.shardings(stage.state, mesh, shard_config.adapters == "fsdp",
+                                         shard_config.min_shard_size)
+    state = sharding.put(jax.device_get(stage.state), state_shardings)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     if checkpoints.latest_step() is not None:
         state, data_state = checkpoints.restore(state)
         batches.set_state(data_state)
         print(f"resumed from step {int(state.step)}")
 
-    step_fn = jax.jit(stage.step, donate_argnums=0)
-    validate = jax.jit(stage.validate)
+    replicated = sharding.replicated(mesh)
+    step_fn = jax.jit(stage.step, donate_argnums=0,
+                      in_shardings=(state_shardings, frozen_shardings,
+                                    sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, replicated))
+    validate = jax.jit(stage.validate, out_shardings=replicated)
     logger = Logger(workdir)
     start = int(state.step)
-    with tqdm(total=config.total_steps, initial=start, unit="step") as bar:
+    first = jax.process_index() == 0
+    with sharding.activate(mesh), tqdm(total=config.total_steps, initial=start, unit="step",
+                                       disable=not first) as bar:
         for step in range(start + 1, config.total_steps + 1):
-            batch = next(batches)
+            batch = sharding.global_batch(next(batches), mesh)
             tic = time.perf_counter()
             state, metrics = step_fn(state, frozen, batch)
             if step % config.log_every == 0 or step == config.total_steps:
@@ -309,16 +347,33 @@ def train(config: ml_collections.ConfigDict) -> None:
                 logger.write(step, scalars)
                 bar.set_postfix_str(" ".join(f"{k} {scalars[k]:.4f}" for k in stage.shown))
             if step % config.validate_every == 0:
-                image = to_uint8(np.asarray(validate(state, frozen, batch)))
-                save_png(image, workdir / "validation" / f"step_{step:07d}.png")
+                image = np.asarray(validate(state, frozen, batch))
+                if first:
+                    save_png(to_uint8(image), workdir / "validation" / f"step_{step:07d}.png")
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 checkpoints.save(step, state, batches.get_state())
             bar.update(1)
     checkpoints.close()
 
 
+# --------------------------------------------------------------------------- processes
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run: from ``--coordinator`` etc., or from SLURM's environment."""
+    if not FLAGS.coordinator and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    # collectives between CPU processes (tests, CPU-only runs) go through gloo
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if FLAGS.coordinator:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    else:
+        jax.distributed.initialize()
+
+
 def main(argv: list[str]) -> None:
     del argv
+    initialize_distributed()
     try:
         train(_CONFIG.value)
     except (ConfigError, model_dir.ModelDirError, DataError) as e:

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.workdir = "workdirs/teacher"
     c.seed = 43
     c.total_steps = 20_000
-    c.batch_size = 4                  # per step
+    c.batch_size = 4                  # global, split over all devices
     c.precision = "bf16"              # compute dtype of the frozen base (LoRA stays float32)
     c.remat_policy = "full"           # none | full | dots: rematerialise transformer blocks
     c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
@@ -38,7 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
         num_cycles=0.5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, max_grad_norm=1.0))
 
     c.data = ml_collections.ConfigDict(dict(
-        roots=("data/train",), resolution=512, degrade=False, num_workers=4, skip_invalid=False))
+        roots=("data/train",), resolution=512, degrade=False, num_workers=4, skip_invalid=False,
+        shards=0))                    # data streams (0: one per process; see train.py)
+    # the mesh: data x fsdp devices (-1: fill); the frozen base is split over fsdp
+    c.sharding = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, adapters="replicated", min_shard_size=2 ** 18))
     # the validation images: HR | noised | denoised by the teacher | sampled from noise
     c.sample = ml_collections.ConfigDict(dict(num_steps=28, guidance_scale=7.0, strength=0.6))
 

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.workdir = "workdirs/tsd"
     c.seed = 43
     c.total_steps = 200_000
-    c.batch_size = 2                  # per step
+    c.batch_size = 2                  # global, split over all devices (released: 2 per GPU x 8)
     c.precision = "bf16"              # compute dtype of the frozen base (LoRA stays float32)
     c.remat_policy = "full"           # none | full | dots: rematerialise transformer blocks
     c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
@@ -41,7 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim_fake_score = ml_collections.ConfigDict(dict(optim, learning_rate=1e-6))
 
     c.data = ml_collections.ConfigDict(dict(
-        roots=("data/train",), resolution=512, degrade=False, num_workers=4, skip_invalid=False))
+        roots=("data/train",), resolution=512, degrade=False, num_workers=4, skip_invalid=False,
+        shards=0))                    # data streams (0: one per process; see train.py)
+    # the mesh: data x fsdp devices (-1: fill); the frozen base is split over fsdp
+    c.sharding = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, adapters="replicated", min_shard_size=2 ** 18))
 
     c.log_every = 10
     c.validate_every = 500

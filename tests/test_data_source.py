@@ -11,7 +11,7 @@ from PIL import Image
 
 from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.data.layout import DataError, scan
-from tsdsr_jax.data.pipeline import DataConfig, train_batches
+from tsdsr_jax.data.pipeline import DataConfig, ProcessBatches, train_batches
 from tsdsr_jax.data.source import SampleSpec, load_sample
 from tsdsr_jax.safetensors_io import save_arrays
 
@@ -97,6 +97,37 @@ def test_shards_are_disjoint_halves(roots):
     assert len(halves[0]) == len(halves[1]) == 6
     assert not set(halves[0]) & set(halves[1])
     assert sorted(halves[0] + halves[1]) == list(range(12))
+
+
+def test_global_batch_is_the_same_for_any_number_of_processes(roots):
+    """Four data shards read by one, two or four processes give the same global batches, and
+    one process's position resumes any split of them."""
+    cfg = config(roots, batch_size=4, degradation=DegradeConfig())
+
+    def global_batches(processes, steps, state=None):
+        its = [ProcessBatches(cfg, 4, k, processes) for k in range(processes)]
+        for it in its:
+            if state is not None:
+                it.set_state(state)
+        batches = []
+        for _ in range(steps):
+            parts = [next(it) for it in its]
+            batches.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        return batches, its[0].get_state()
+
+    one, state = global_batches(1, 3)
+    four, _ = global_batches(4, 3)
+    for a, b in zip(one, four):
+        for key in a:  # the same samples, and the same degradation of them
+            np.testing.assert_array_equal(a[key], b[key])
+    assert len({tuple(b["prompt_embeds"][:, 0, 0]) for b in one}) == 3
+    more, _ = global_batches(1, 2, state)
+    resumed, _ = global_batches(2, 2, state)
+    for a, b in zip(more, resumed):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="3 data shards"):
+        ProcessBatches(cfg, 3, 0, 2)
 
 
 @pytest.mark.parametrize("workers,degradation", [(0, DegradeConfig()), (1, None)])

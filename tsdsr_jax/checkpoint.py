@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -45,12 +46,17 @@ class Checkpoints:
         return restored.state, restored.data
 
     def restore_raw(self, step: int | None = None) -> dict:
-        """The saved state as plain nested dicts and lists of numpy arrays (no template)."""
+        """The saved state as plain nested dicts and lists of numpy arrays: no template, on any
+        number of devices (whatever mesh saved it)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.manager.directory}: no checkpoint")
+        saved = ocp.PyTreeCheckpointer().metadata(
+            os.path.join(self.manager.directory, str(step), "state")).item_metadata.tree
+        as_numpy = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
+            state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
         return restored.state
 
     def close(self) -> None:

@@ -7,15 +7,19 @@ prefetched in worker processes, with a checkpointable iterator.
     batch = next(it)        # {['lr',] 'hr': (B,512,512,3) in [-1,1], 'prompt_embeds': (B,333,4096),
                             #  'pooled_prompt_embeds': (B,2048)[, 'latent_hr': (B,64,64,16)]}
     state = it.get_state()  # a small dict; it.set_state(state) continues exactly from here
+
+Across processes, :class:`ProcessBatches` gives each process its rows of every global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import grain
 import jax
+import numpy as np
 from absl import flags
 
 from tsdsr_jax.data.degrade import DegradeConfig
@@ -74,3 +78,39 @@ def train_batches(config: DataConfig) -> grain.IterDataset:
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
     return ds
+
+
+class ProcessBatches:
+    """This process's rows of every global batch: the next batch of each of its data shards,
+    concatenated. Process ``k`` of ``P`` reads shards ``k·S/P … (k+1)·S/P − 1`` of ``shards``
+    (``S``), each a :func:`train_batches` stream of ``batch_size / S`` samples.
+
+    So the global batch is the same whether one process or ``S`` read it. All shards advance
+    together, so one position describes them all: ``get_state`` is the first shard's, and
+    ``set_state`` applies it to every shard (also after a change in the number of processes)."""
+
+    def __init__(self, config: DataConfig, shards: int, process_index: int | None = None,
+                 process_count: int | None = None):
+        index = jax.process_index() if process_index is None else process_index
+        count = jax.process_count() if process_count is None else process_count
+        if shards % count or config.batch_size % shards:
+            raise ValueError(f"{shards} data shards cannot be split over {count} processes "
+                             f"and a batch of {config.batch_size}")
+        per = shards // count
+        self.iterators = [iter(train_batches(dataclasses.replace(
+            config, batch_size=config.batch_size // shards, shard_index=k, shard_count=shards)))
+            for k in range(index * per, (index + 1) * per)]
+
+    def __iter__(self) -> ProcessBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterators[0].get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for it in self.iterators:
+            it.set_state(state)

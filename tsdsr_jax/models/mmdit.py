@@ -349,6 +349,11 @@ class JointTransformerBlock(nn.Module):
         return context + c_gate_mlp[:, None] * c_ff, x
 
 
+# (batch, tokens, width) activations: split like the batch where a mesh and rules are active
+# (tsdsr_jax/sharding.py), untouched otherwise
+_TOKENS = ("activation_batch", None, None)
+
+
 class MMDiT(nn.Module):
     """``SD3Transformer2DModel``: ``(B,H,W,C) latents, (B,) timesteps, (B,L,joint_attention_dim)
     prompt embeddings, (B,pooled_projection_dim) pooled embeddings -> (B,H,W,out_channels)`` in
@@ -375,6 +380,9 @@ class MMDiT(nn.Module):
                                           dual_attention=i in cfg.dual_attention_layers,
                                           name=f"transformer_blocks.{i}")
             context, x = block(x, context, temb)
+            x = nn.with_logical_constraint(x, _TOKENS)
+            if context is not None:
+                context = nn.with_logical_constraint(context, _TOKENS)
         x = _AdaLNContinuous(cfg.dtype, name="norm_out")(x, temb)
         x = Dense(p * p * cfg.out_channels, dtype=cfg.dtype, name="proj_out")(x)
         h, w = height // p, width // p
