@@ -275,7 +275,7 @@ def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, net
     adapter = model.adapters["teacher"] if config.init_teacher == "model" else None
     state = trainer.init_teacher_state(rng, model.params, adapter, config.teacher_rank, opt)
     step = functools.partial(trainer.teacher_step, nets=nets, config=flow, opt=opt)
-    sample = ml_collections.ConfigDict(config.sample).to_dict()
+    sample = config.sample.to_dict()
     validate = functools.partial(teacher_validation_image, nets, seed=config.seed, **sample)
     return Stage(state, step, validate, ("loss",))
 

@@ -139,7 +139,8 @@ def main() -> None:
         return
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.device_kind}; {64 if args.tiny else 512}² crops, "
-          f"{'bf16' if device.platform == 'gpu' else 'fp32'} base, remat {args.remat}")
+          f"{'bf16' if device.platform == 'gpu' or args.compile_only else 'fp32'} base, "
+          f"remat {args.remat}")
     print("| batch | DASM N | compile s | s / step | peak GiB |" if not args.compile_only
           else "| batch | DASM N | compile s | XLA's count per step | buffers GiB |")
     print("|---|---|---|---|---|", flush=True)
