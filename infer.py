@@ -22,6 +22,7 @@ from tqdm import tqdm
 from tsdsr_jax import model_dir
 from tsdsr_jax.images import ImageError, list_images, load_image, save_png
 from tsdsr_jax.pipeline import PRECISIONS, InferenceConfig, Pipeline
+from tsdsr_jax.sharding import ShardingConfig, make_mesh
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
     p.add_argument("--batch-size", type=int, default=1, help="images of one size per call")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split each batch over this many devices (a multiple of them)")
     p.add_argument("--latent-tile", type=int, default=64)
     p.add_argument("--latent-overlap", type=int, default=8)
     p.add_argument("--vae-encoder-tile", type=int, default=None,
@@ -75,8 +78,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        if args.batch_size % args.devices:
+            raise ValueError(f"--batch-size {args.batch_size} is not a multiple of "
+                             f"--devices {args.devices}")
+        mesh = None
+        if args.devices > 1:
+            mesh = make_mesh(ShardingConfig(data=args.devices), jax.local_devices()[:args.devices])
         paths = list_images(args.input, exclude=args.output)
-        pipe = Pipeline(load_model(args.model), config)
+        pipe = Pipeline(load_model(args.model), config, mesh)
     except (ImageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -296,6 +296,9 @@ def train(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"batch_size={config.batch_size} does not split over the mesh's "
                           f"{mesh.size} devices (data={mesh.shape['data']} x "
                           f"fsdp={mesh.shape['fsdp']})")
+    if jax.process_index() == 0:
+        print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+              f"{jax.process_count()} process(es); global batch {config.batch_size}")
     model = load_model(config)
     teacher_adapter = load_teacher(config, model)
     lpips_params = load_lpips(config)

@@ -1,5 +1,6 @@
 """Run by tests/test_sharding.py in a process with 8 CPU devices: the TSD train step on the tiny
-model, on one device and under several meshes, and a checkpoint moved between meshes.
+model, on one device and under several meshes, a checkpoint moved between meshes, and the
+inference pipeline with its batch split over a mesh.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_steps.py OUT.json CKPT
 
@@ -22,6 +23,7 @@ from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
+from tsdsr_jax.pipeline import InferenceConfig, Pipeline
 
 jax.config.update("jax_default_matmul_precision", "highest")
 B, SIDE, STEPS = 8, 32, 2
@@ -78,6 +80,20 @@ def sharded(mesh_shape, state, frozen):
     return mesh, state_sh, frozen_sh
 
 
+def inference() -> float:
+    """The pipeline's network on a batch of 8 over a 4x2 mesh against one device."""
+    config = InferenceConfig(process_size=128, vae_posterior="mean", precision="fp32")
+    images = np.random.default_rng(3).uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
+    mesh = sharding.make_mesh(sharding.ShardingConfig(4, 2))
+    key = jax.random.key(0)
+    single = Pipeline(model_dir.tiny(), config)
+    want = single.network(single.params, images, key, (128, 128))
+    pipe = Pipeline(model_dir.tiny(), config, mesh)
+    with sharding.activate(mesh):
+        got = pipe.network(pipe.params, images, key, (128, 128))
+    return rel(got, want)
+
+
 def main(out: str, checkpoint_dir: str) -> None:
     state0, frozen0, batches, step = setup()
     # one device
@@ -124,6 +140,7 @@ def main(out: str, checkpoint_dir: str) -> None:
         "same_shardings": all(a.sharding == b for a, b in zip(
             jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state_sh))),
         "data": data}
+    results["inference"] = inference()
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -50,7 +50,8 @@ def cpu_env(devices: int) -> dict[str, str]:
 def test_sharded_steps_equal_one_device(tmp_path):
     """Meshes 8x1, 4x2 and 1x8 (frozen base, adapters and optimiser states split over fsdp;
     batch over data x fsdp) give the one-device losses and LoRA weights after two steps; a
-    checkpoint saved under 4x2 restores under 1x8.
+    checkpoint saved under 4x2 restores under 1x8; inference with its batch split over 4x2
+    gives the one-device images.
 
     The LoRA weights agree to ~5e-8 of their largest magnitude. Tensor by tensor the worst is
     ~6e-5 of its own largest value: a lora_B two Adam steps away from zero, where elements with
@@ -70,6 +71,7 @@ def test_sharded_steps_equal_one_device(tmp_path):
     assert result["restored"]["weights"] == result["4x2"]["weights"]  # restored exactly
     assert result["restored"]["same_shardings"]
     assert result["restored"]["data"] == {"position": 7}
+    assert result["inference"] <= 1e-5
 
 
 def free_port() -> int:

@@ -6,11 +6,13 @@
 Per image: bicubic upsampling with PyTorch's semantics, padding to a multiple of 16, VAE encode
 (student LoRA merged), one transformer call at t = 1000 with the default prompt (Gaussian latent
 tiles when large), ``ẑ_H = z_L − v``, decode, crop back, colour fix against the LR image. The
-network part is one jitted function per (batch, size) bucket.
+network part is one jitted function per (batch, size) bucket; given a device mesh, each batch is
+split over its devices (the weights split over ``fsdp`` as in training, see sharding.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from tsdsr_jax import colorfix, tiling
+from tsdsr_jax import colorfix, sharding, tiling
 from tsdsr_jax.model_dir import Model
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import MMDiT
@@ -81,8 +83,10 @@ def attention_impl(config: InferenceConfig) -> str | None:
 class Pipeline:
     """The student (LoRA merged into the frozen base) as one jitted function per shape."""
 
-    def __init__(self, model: Model, config: InferenceConfig = InferenceConfig()):
+    def __init__(self, model: Model, config: InferenceConfig = InferenceConfig(),
+                 mesh: jax.sharding.Mesh | None = None):
         self.config = config
+        self.mesh = mesh
         dtype = PRECISIONS[config.precision]
         if "default" not in model.embeddings:
             raise ValueError(f"{model.path}: no default-prompt embeddings "
@@ -103,7 +107,16 @@ class Pipeline:
         self.vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
         self.scaling_factor = model.vae_config.scaling_factor
         self.shift_factor = model.vae_config.shift_factor or 0.0
-        self.network = jax.jit(self._super_resolve, static_argnames=("size",))
+        if mesh is None:
+            self.network = jax.jit(self._super_resolve, static_argnums=3)
+        else:
+            params_sh = sharding.shardings(self.params, mesh, True,
+                                          sharding.ShardingConfig.min_shard_size)
+            self.params = sharding.put(self.params, params_sh)
+            self.network = jax.jit(
+                self._super_resolve, static_argnums=3,
+                in_shardings=(params_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                out_shardings=sharding.replicated(mesh))
         self._color_fix = jax.jit(colorfix.COLOR_FIXES[config.color_fix])
 
     # ------------------------------------------------------------------ the jitted network
@@ -144,11 +157,16 @@ class Pipeline:
     # ------------------------------------------------------------------ images in, images out
 
     def super_resolve(self, lr: np.ndarray, rng: jax.Array) -> np.ndarray:
-        """A batch of same-sized LR images (B, h, w, 3) uint8 -> SR (B, H, W, 3) uint8."""
+        """A batch of same-sized LR images (B, h, w, 3) uint8 -> SR (B, H, W, 3) uint8; with a
+        mesh, B must be a multiple of its size."""
         cfg = self.config
         h, w = lr.shape[1:3]
         th, tw, resized = target_size(h, w, cfg)
-        sr = self.network(self.params, jnp.asarray(lr, jnp.float32) / 255.0, rng, (th, tw))
+        if self.mesh is not None and lr.shape[0] % self.mesh.size:
+            raise ValueError(f"a batch of {lr.shape[0]} does not split over "
+                             f"{self.mesh.size} devices")
+        with sharding.activate(self.mesh) if self.mesh else contextlib.nullcontext():
+            sr = self.network(self.params, np.asarray(lr, np.float32) / 255.0, rng, (th, tw))
         final = (cfg.upscale * h, cfg.upscale * w)
         if resized:  # the official path: back to ×upscale with PIL's default (bicubic) resize
             sr = np.stack([np.asarray(Image.fromarray(to_uint8(s)).resize(final[::-1]))

@@ -113,5 +113,5 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 @contextlib.contextmanager
 def activate(mesh: Mesh) -> Iterator[None]:
     """Traces inside see the mesh and the logical rules that keep activations batch-split."""
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         yield
