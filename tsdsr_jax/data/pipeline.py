@@ -87,7 +87,9 @@ class ProcessBatches:
 
     So the global batch is the same whether one process or ``S`` read it. All shards advance
     together, so one position describes them all: ``get_state`` is the first shard's, and
-    ``set_state`` applies it to every shard (also after a change in the number of processes)."""
+    ``set_state`` applies it to every shard (also after a change in the number of processes).
+    With ``skip_invalid``, shards that dropped different samples drift apart by those samples;
+    a resume then puts every shard at the first shard's position."""
 
     def __init__(self, config: DataConfig, shards: int, process_index: int | None = None,
                  process_count: int | None = None):
