@@ -366,8 +366,10 @@ def initialize_distributed() -> None:
     """Joins a multi-process run: from ``--coordinator`` etc., or from SLURM's environment."""
     if not FLAGS.coordinator and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
-    # collectives between CPU processes (tests, CPU-only runs) go through gloo
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:  # collectives between CPU processes (tests, CPU-only runs) go through gloo
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # a jax without the option (gloo by default)
+        pass
     if FLAGS.coordinator:
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     else:
