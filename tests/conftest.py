@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
+
+# Compile with LLVM's optimisations off: the same arithmetic, a third less compile time, and the
+# suite is mostly compiles. Read when the backend starts; subprocesses inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 import jax
 import numpy as np
