@@ -44,7 +44,8 @@ def test_mesh_fills_and_refuses():
 
 def cpu_env(devices: int) -> dict[str, str]:
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} "
+                         f"--xla_force_host_platform_device_count={devices}"}
 
 
 def test_sharded_steps_equal_one_device(tmp_path):
@@ -80,11 +81,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(workdir: Path, *extra: str) -> list[str]:
+def train_command(workdir: Path, total_steps: int, *extra: str) -> list[str]:
     return [sys.executable, "train.py", "--config", "configs/tiny.py",
-            f"--config.workdir={workdir}", "--config.total_steps=3", "--config.log_every=1",
-            "--config.batch_size=2", "--config.data.shards=2", "--config.tsd.dasm_steps=1",
-            *extra]
+            f"--config.workdir={workdir}", f"--config.total_steps={total_steps}",
+            "--config.log_every=1", "--config.batch_size=2", "--config.data.shards=2",
+            "--config.tsd.dasm_steps=1", *extra]
+
+
+def two_processes(workdir: Path, total_steps: int) -> list[subprocess.Popen]:
+    """train.py as two jax.distributed processes on loopback, one CPU device each (sharing a
+    compilation cache in the work directory's parent)."""
+    port = free_port()
+    env = {**cpu_env(1), "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return [subprocess.Popen(train_command(workdir, total_steps, f"--coordinator=localhost:{port}",
+                                           "--num_processes=2", f"--process_id={k}"),
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for k in range(2)]
+
+
+def wait(procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's standard output, once all have exited 0."""
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
 
 
 def run_state(workdir: Path):
@@ -95,27 +118,24 @@ def run_state(workdir: Path):
 
 
 def test_two_processes_train_like_one(tmp_path):
-    """configs/tiny.py for three steps: two processes (one CPU device each, one data shard
-    each) against one process with two devices reading both shards."""
-    port = free_port()
-    two = [subprocess.Popen(train_command(tmp_path / "two", f"--coordinator=localhost:{port}",
-                                          "--num_processes=2", f"--process_id={k}"),
-                            cwd=ROOT, env=cpu_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for k in range(2)]
-    one = subprocess.run(train_command(tmp_path / "one"), cwd=ROOT, env=cpu_env(2),
-                         capture_output=True, text=True, check=False)
-    for proc in two:
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-    assert one.returncode == 0, one.stderr[-3000:]
+    """configs/tiny.py for four steps: two processes (one CPU device each, one data shard each)
+    against one process with two devices reading both shards. The two processes stop after
+    three steps, saving one checkpoint together, and two new ones resume it for the fourth."""
+    one = subprocess.Popen(train_command(tmp_path / "one", 4), cwd=ROOT, env=cpu_env(2),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait(two_processes(tmp_path / "two", 3))
+    assert run_state(tmp_path / "two")["step"] == 3
+    assert all("resumed from step 3" in out for out in wait(two_processes(tmp_path / "two", 4)))
+    wait([one])
     metrics = {name: [json.loads(line) for line in
                       (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in ("one", "two")}
-    assert len(metrics["two"]) == 3  # process 0 alone writes the log
-    for a, b in zip(metrics["two"], metrics["one"]):
+    assert [m["step"] for m in metrics["two"]] == [1, 2, 3, 4]  # process 0 alone writes the log
+    for a, b in zip(metrics["two"], metrics["one"], strict=True):
         for key in ("loss", "reg_loss", "tsd_loss", "data_loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1e-3), (key, a, b)
     want, got = run_state(tmp_path / "one"), run_state(tmp_path / "two")
+    assert got["step"] == want["step"] == 4
     for x, y in zip(jax.tree_util.tree_leaves((got["student"], got["fake_score"])),
                     jax.tree_util.tree_leaves((want["student"], want["fake_score"]))):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * max(np.abs(y).max(), 1e-3))
