@@ -1,16 +1,20 @@
-"""Seconds per TSD-SR training step and peak memory, full-size SD3-medium with random weights.
+"""Seconds per TSD-SR training step and peak memory, full-size SD3-medium with random weights,
+beside the official step in PyTorch measured in the same run.
 
-    python bench/train.py                       # 512² crops, batch 1 and 2, DASM N = 1 and 4 (GPU)
-    python bench/train.py --tiny                # tiny configs (checks the script on a CPU)
-    python bench/train.py --compile-only        # full size on any device: compile and count
-    python ../shared/bench/baseline_train_torch.py   # the official step, beside it, same card
+    python bench/train.py                  # 512² crops, batch 1 and 2, DASM N = 1 and 4 (GPU)
+    python bench/train.py --tiny           # tiny configs (checks the script on a CPU)
+    python bench/train.py --compile-only   # full size on any device: compile and count
+    python bench/train.py --reference none # ours alone
 
 One device (a 1x1 mesh: the step is the one train.py jits). The step is ours as configs/tsd.py
 runs it: bf16 base, float32 LoRA (student r64 + VAE-encoder r64, teacher r64, fake score r64),
-one shared base, remat of the transformer blocks, cuDNN attention on a GPU. Prints one table:
-compile seconds, median seconds per step, peak device memory (each row in its own process, so
-that the peaks are its own). ``--compile-only`` compiles the step from shapes alone (nothing is
+one shared base, remat of the transformer blocks, cuDNN attention on a GPU. Each row runs in its
+own process, so that its peak is its own; then ``--reference`` (the official step: diffusers +
+peft, fp16 autocast, two transformer copies; ../shared/bench/baseline_train_torch.py) runs in
+another. Prints one table: compile seconds, median seconds per step and peak device memory of
+each, and the ratios. ``--compile-only`` compiles the step from shapes alone (nothing is
 allocated, so it runs on a small CPU too) and prints XLA's FLOP count and buffer sizes instead.
+With ``--tiny`` both sides use tiny models of different shapes: the ratios mean nothing there.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +38,7 @@ from tsdsr_jax.model_dir import TINY_TRANSFORMER, TINY_VAE
 from tsdsr_jax.models import lora, mmdit, vae
 from tsdsr_jax.models import lpips as lpips_model
 
-SD3_VAE = vae.VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                        latent_channels=16, norm_num_groups=32, scaling_factor=1.5305,
-                        shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False)
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "baseline_train_torch.py"
 
 
 def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract: bool = False):
@@ -42,7 +46,7 @@ def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract:
     shapes, ``abstract``)."""
     t_cfg = TINY_TRANSFORMER if tiny else mmdit.MMDiTConfig.sd3_medium()
     t_cfg = dataclasses.replace(t_cfg, dtype=dtype, attention_impl=attention, remat_policy=remat)
-    v_cfg = dataclasses.replace(TINY_VAE if tiny else SD3_VAE, dtype=dtype)
+    v_cfg = dataclasses.replace(TINY_VAE if tiny else vae.VAEConfig.sd3(), dtype=dtype)
     nets = tsd.Networks(mmdit.MMDiT(t_cfg), vae.AutoencoderKL(v_cfg), v_cfg.scaling_factor)
     prompt_len = 8 if tiny else 333
     k = jax.random.split(jax.random.PRNGKey(0), 8)
@@ -86,8 +90,8 @@ def peak_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in stats else None
 
 
-def run(args: argparse.Namespace, b: int, n: int) -> str:
-    """One table row: compile, then time ``args.steps`` steps of batch ``b`` with DASM ``n``."""
+def run(args: argparse.Namespace, b: int, n: int) -> dict[str, float | None]:
+    """One row of ours: compile, then time ``args.steps`` steps of batch ``b`` with DASM ``n``."""
     gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.bfloat16 if gpu or args.compile_only else jnp.float32
     remat = None if args.remat == "none" else args.remat
@@ -105,12 +109,13 @@ def run(args: argparse.Namespace, b: int, n: int) -> str:
                                      opt_fake=fake_opt), donate_argnums=0)
     tic = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - tic
+    row = {"compile_s": time.perf_counter() - tic}
     if args.compile_only:
-        flops = compiled.cost_analysis().get("flops", float("nan"))
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
         memory = compiled.memory_analysis()
-        temp = getattr(memory, "temp_size_in_bytes", float("nan")) / 2 ** 30
-        return f"| {b} | {n} | {compile_s:.1f} | {flops / 1e12:.1f} TFLOP | {temp:.1f} temp |"
+        return {**row, "tflop": float(cost.get("flops", float("nan"))) / 1e12,
+                "temp_gib": getattr(memory, "temp_size_in_bytes", float("nan")) / 2 ** 30}
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
     times = []
@@ -119,9 +124,47 @@ def run(args: argparse.Namespace, b: int, n: int) -> str:
         state, metrics = compiled(state, frozen, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - tic)
-    peak = peak_gib()
-    return (f"| {b} | {n} | {compile_s:.1f} | {np.median(times):.3f} | "
-            f"{'n/a' if peak is None else f'{peak:.1f}'} |")
+    return {**row, "s_per_step": float(np.median(times)), "peak_gib": peak_gib()}
+
+
+def reference(script: Path, tiny: bool) -> dict[tuple[int, int], dict]:
+    """The official step's rows, {(batch, N): {s_per_step, peak_mem_gb} or {error}}."""
+    proc = subprocess.run([sys.executable, str(script)] + (["--tiny"] if tiny else []),
+                          capture_output=True, text=True, check=False)
+    rows = {}
+    for line in proc.stdout.splitlines():
+        row = json.loads(line) if line.startswith("{") else {}
+        if "batch" in row:
+            rows[(row["batch"], row["dasm_N"])] = row
+    if proc.returncode or not rows:
+        print(f"reference {script} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}",
+              file=sys.stderr)
+    return rows
+
+
+def fmt(x: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if x is None else format(x, spec) + unit
+
+
+def table(args: argparse.Namespace, ours: dict, official: dict) -> None:
+    if args.compile_only:
+        print("| batch | DASM N | compile s | XLA's count per step | XLA's buffers GiB |")
+        print("|---|---|---|---|---|")
+        for (b, n), r in ours.items():
+            print(f"| {b} | {n} | {r['compile_s']:.1f} | {r['tflop']:.1f} TFLOP "
+                  f"| {r['temp_gib']:.1f} |")
+        return
+    print("| batch | DASM N | compile s | s / step | peak GiB | official s / step "
+          "| official peak GiB | speed-up | memory, of official |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (b, n), r in ours.items():
+        ref = official.get((b, n), {})
+        ref_s, ref_peak = ref.get("s_per_step"), ref.get("peak_mem_gb")
+        speedup = ref_s / r["s_per_step"] if ref_s else None
+        share = 100 * r["peak_gib"] / ref_peak if ref_peak and r["peak_gib"] else None
+        print(f"| {b} | {n} | {r['compile_s']:.1f} | {r['s_per_step']:.3f} "
+              f"| {fmt(r['peak_gib'], '.1f')} | {fmt(ref_s, '.3f')} | {fmt(ref_peak, '.1f')} "
+              f"| {fmt(speedup, '.2f', '×')} | {fmt(share, '.0f', ' %')} |")
 
 
 def main() -> None:
@@ -132,24 +175,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--remat", default="full", help="none | full | dots")
     p.add_argument("--compile-only", action="store_true")
-    p.add_argument("--row", action="store_true", help="(internal) print one row only")
+    p.add_argument("--reference", default=str(REFERENCE),
+                   help="the official step's script, or 'none'")
+    p.add_argument("--row", action="store_true", help="(internal) one row of ours, as JSON")
     args = p.parse_args()
     if args.row:
-        print(run(args, int(args.batch), int(args.dasm)), flush=True)
+        print(json.dumps(run(args, int(args.batch), int(args.dasm))), flush=True)
         return
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.device_kind}; {64 if args.tiny else 512}² crops, "
           f"{'bf16' if device.platform == 'gpu' or args.compile_only else 'fp32'} base, "
-          f"remat {args.remat}")
-    print("| batch | DASM N | compile s | s / step | peak GiB |" if not args.compile_only
-          else "| batch | DASM N | compile s | XLA's count per step | buffers GiB |")
-    print("|---|---|---|---|---|", flush=True)
-    for b in args.batch.split(","):
-        for n in args.dasm.split(","):
-            argv = [sys.executable, __file__, "--row", "--batch", b, "--dasm", n, "--steps",
-                    str(args.steps), "--remat", args.remat] + (["--tiny"] if args.tiny else [])
-            argv += ["--compile-only"] if args.compile_only else []
-            subprocess.run(argv, check=True)
+          f"remat {args.remat}", flush=True)
+    ours = {}
+    for b in map(int, args.batch.split(",")):
+        for n in map(int, args.dasm.split(",")):
+            argv = [sys.executable, __file__, "--row", "--batch", str(b), "--dasm", str(n),
+                    "--steps", str(args.steps), "--remat", args.remat]
+            argv += (["--tiny"] if args.tiny else []) + (["--compile-only"] if args.compile_only
+                                                         else [])
+            out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
+            ours[(b, n)] = json.loads(out.strip().splitlines()[-1])
+    official = {}
+    if not args.compile_only and args.reference != "none":
+        official = reference(Path(args.reference), args.tiny)
+    table(args, ours, official)
 
 
 if __name__ == "__main__":
