@@ -88,26 +88,33 @@ def train_command(workdir: Path, total_steps: int, *extra: str) -> list[str]:
             "--config.tsd.dasm_steps=1", *extra]
 
 
-def two_processes(workdir: Path, total_steps: int) -> list[subprocess.Popen]:
+Run = tuple[subprocess.Popen, Path]  # a process and the file its output goes to
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> Run:
+    """A process writing its output to ``log`` (a file: no pipe fills while others run)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT), log
+
+
+def two_processes(workdir: Path, total_steps: int) -> list[Run]:
     """train.py as two jax.distributed processes on loopback, one CPU device each (sharing a
     compilation cache in the work directory's parent)."""
     port = free_port()
     env = {**cpu_env(1), "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return [subprocess.Popen(train_command(workdir, total_steps, f"--coordinator=localhost:{port}",
-                                           "--num_processes=2", f"--process_id={k}"),
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for k in range(2)]
+    return [start(train_command(workdir, total_steps, f"--coordinator=localhost:{port}",
+                                "--num_processes=2", f"--process_id={k}"), env,
+                  workdir.parent / f"{workdir.name}-{total_steps}-{k}.log") for k in range(2)]
 
 
-def wait(procs: list[subprocess.Popen]) -> list[str]:
-    """Each process's standard output, once all have exited 0."""
-    outs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-        outs.append(out)
-    return outs
+def wait(runs: list[Run]) -> list[str]:
+    """Each process's output, once all have exited 0."""
+    for proc, log in runs:
+        proc.wait(timeout=900)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+    return [log.read_text() for _, log in runs]
 
 
 def run_state(workdir: Path):
@@ -121,8 +128,7 @@ def test_two_processes_train_like_one(tmp_path):
     """configs/tiny.py for four steps: two processes (one CPU device each, one data shard each)
     against one process with two devices reading both shards. The two processes stop after
     three steps, saving one checkpoint together, and two new ones resume it for the fourth."""
-    one = subprocess.Popen(train_command(tmp_path / "one", 4), cwd=ROOT, env=cpu_env(2),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    one = start(train_command(tmp_path / "one", 4), cpu_env(2), tmp_path / "one.log")
     wait(two_processes(tmp_path / "two", 3))
     assert run_state(tmp_path / "two")["step"] == 3
     assert all("resumed from step 3" in out for out in wait(two_processes(tmp_path / "two", 4)))
