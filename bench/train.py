@@ -109,7 +109,8 @@ def run(args: argparse.Namespace, b: int, n: int) -> dict[str, float | None]:
                                      opt_fake=fake_opt), donate_argnums=0)
     tic = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
-    row = {"compile_s": time.perf_counter() - tic}
+    row = {"compile_s": time.perf_counter() - tic, "device": jax.devices()[0].device_kind,
+           "base": jnp.dtype(dtype).name}
     if args.compile_only:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -182,11 +183,7 @@ def main() -> None:
     if args.row:
         print(json.dumps(run(args, int(args.batch), int(args.dasm))), flush=True)
         return
-    device = jax.devices()[0]
-    print(f"jax {jax.__version__} on {device.device_kind}; {64 if args.tiny else 512}² crops, "
-          f"{'bf16' if device.platform == 'gpu' or args.compile_only else 'fp32'} base, "
-          f"remat {args.remat}", flush=True)
-    ours = {}
+    ours = {}  # (this process never touches a device: the rows and the reference get all of it)
     for b in map(int, args.batch.split(",")):
         for n in map(int, args.dasm.split(",")):
             argv = [sys.executable, __file__, "--row", "--batch", str(b), "--dasm", str(n),
@@ -198,6 +195,9 @@ def main() -> None:
     official = {}
     if not args.compile_only and args.reference != "none":
         official = reference(Path(args.reference), args.tiny)
+    first = next(iter(ours.values()))
+    print(f"jax {jax.__version__} on {first['device']}; {64 if args.tiny else 512}² crops, "
+          f"{first['base']} base, remat {args.remat}")
     table(args, ours, official)
 
 
