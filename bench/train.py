@@ -137,6 +137,9 @@ def reference(script: Path, tiny: bool) -> dict[tuple[int, int], dict]:
         row = json.loads(line) if line.startswith("{") else {}
         if "batch" in row:
             rows[(row["batch"], row["dasm_N"])] = row
+            if "error" in row:  # the table shows n/a; say why
+                print(f"reference batch {row['batch']}, N = {row['dasm_N']}: {row['error']}",
+                      file=sys.stderr)
     if proc.returncode or not rows:
         print(f"reference {script} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}",
               file=sys.stderr)
