@@ -274,6 +274,31 @@ class _FeedForward(nn.Module):
         return Dense(dim, dtype=self.dtype, name="net.2")(x)
 
 
+# cuDNN's flash attention tiles the sequence by 128 and, under differentiation, refuses odd
+# lengths (SD3 at 512²: 1024 image + 333 text = 1357 tokens); its joint sequence is padded to this.
+CUDNN_SEQ_MULTIPLE = 128
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          implementation: str | None = None,
+                          pad_multiple: int | None = None) -> jax.Array:
+    """Softmax attention over ``(B, L, heads, head_dim)``; with ``pad_multiple`` the sequence is
+    zero-padded to a multiple of it, the true length is given as the query and key lengths (the
+    padding is masked out exactly) and the padded rows are dropped. ``"cudnn"`` always pads, to
+    :data:`CUDNN_SEQ_MULTIPLE`."""
+    if implementation == "cudnn":
+        pad_multiple = pad_multiple or CUDNN_SEQ_MULTIPLE
+    length = q.shape[1]
+    pad = -length % pad_multiple if pad_multiple else 0
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation,
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    return out[:, :length]
+
+
 class _Attention(nn.Module):
     """diffusers' ``Attention`` with the joint processor. Image tokens use ``to_q/k/v``; with a
     context, its tokens use ``add_{q,k,v}_proj`` and join the same softmax. The context output
@@ -300,7 +325,7 @@ class _Attention(nn.Module):
             cq, ck, cv = qkv(context, ("add_q_proj", "add_k_proj", "add_v_proj"),
                              ("norm_added_q", "norm_added_k"))
             q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
-        out = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention_impl)
+        out = dot_product_attention(q, k, v, cfg.attention_impl)
         out = out.reshape(*out.shape[:2], cfg.inner_dim)
         n = x.shape[1]
         x_out = dense(name="to_out.0")(out[:, :n])
