@@ -2,22 +2,17 @@
 
 Two stages share this script: ``tsd`` (the one-step student, configs/tsd.py) and ``teacher``
 (the teacher LoRA on SD3's flow-matching loss, configs/teacher.py). Sections: model and frozen
-base → the stage (state, step, validation) → data → state (new or resumed) → the loop (logs,
-validation images, checkpoints). Only LoRA adapters train; see tsdsr_jax/tsd.py and
-tsdsr_jax/teacher.py for the objectives and tsdsr_jax/trainer.py for the steps.
+base → data → state (new or resumed) → the loop (logs, validation images, checkpoints). The
+stages themselves (state, step, validation) are tsdsr_jax/stages.py; only LoRA adapters train.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +22,15 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from tsdsr_jax import model_dir, schedule, sharding, teacher, trainer, tsd
-from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax import model_dir, sharding, stages
+from tsdsr_jax.adapters import STUDENT_TARGETS
 from tsdsr_jax.checkpoint import Checkpoints
 from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.images import save_png
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
-from tsdsr_jax.models.mmdit import MMDiT
-from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.pipeline import PRECISIONS, to_uint8
+from tsdsr_jax.pipeline import to_uint8
+from tsdsr_jax.stages import ConfigError
 from tsdsr_jax.tree import flatten, nest
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
@@ -44,10 +38,6 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("coordinator", None, "multi-process runs: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-process runs: how many processes")
 flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
-
-
-class ConfigError(ValueError):
-    """A run that cannot start; said before anything compiles."""
 
 
 # --------------------------------------------------------------------------- model
@@ -118,27 +108,6 @@ def load_teacher(config: ml_collections.ConfigDict, model: model_dir.Model) -> o
     return nest({k: jnp.asarray(v) for k, v in adapter.items()})
 
 
-def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.Networks:
-    dtype = PRECISIONS[config.precision]
-    remat = None if config.remat_policy == "none" else config.remat_policy
-    mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype, remat_policy=remat,
-                                      attention_impl=config.attention_impl))
-    vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
-    return tsd.Networks(mmdit, vae, model.vae_config.scaling_factor)
-
-
-def initial_student(model: model_dir.Model, config: ml_collections.ConfigDict, rng):
-    if config.init_student == "model":
-        if not {"student", "student_vae"} <= set(model.adapters):
-            raise ConfigError(f"init_student='model' but {config.model} has no student LoRA")
-        return model.adapters["student"], model.adapters["student_vae"]
-    k_t, k_v = jax.random.split(rng)
-    base = model.params
-    return (lora.init_adapter(k_t, base["transformer"], STUDENT_TARGETS, config.student_rank),
-            lora.init_adapter(k_v, base["vae"], vae_encoder_targets(base["vae"]),
-                              config.student_vae_rank))
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -147,14 +116,8 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
     process; fix it to keep the data order when the number of processes changes)."""
     from tsdsr_jax.data.degrade import DegradeConfig
     from tsdsr_jax.data.pipeline import DataConfig, ProcessBatches
-    from tsdsr_jax.data.source import SampleSpec
 
-    t, v = model.transformer_config, model.vae_config
-    prompt_len = model.embeddings["null"]["prompt_embeds"].shape[0]
-    spec = SampleSpec(resolution=config.data.resolution,
-                      prompt_shape=(prompt_len, t.joint_attention_dim),
-                      pooled_dim=t.pooled_projection_dim, latent_channels=v.latent_channels,
-                      vae_factor=2 ** (len(v.block_out_channels) - 1))
+    spec = stages.sample_spec(config, model)
     data = DataConfig(roots=tuple(config.data.roots), batch_size=config.batch_size,
                       seed=config.seed,
                       degradation=DegradeConfig() if config.data.degrade else None,
@@ -195,146 +158,34 @@ class Logger:
                 self.tb.add_scalar(k, v, step)
 
 
-def validation_image(nets: tsd.Networks, state: trainer.TrainState, frozen: trainer.Frozen,
-                     batch: dict[str, jax.Array]) -> jax.Array:
-    """LR | SR | HR in [0, 1] for the first sample of a batch (the student, posterior mean)."""
-    lr = batch["lr"][:1]
-    vae_config = nets.vae.config
-    factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    no_noise = jnp.zeros((1, lr.shape[1] // factor, lr.shape[2] // factor,
-                          vae_config.latent_channels))
-    adapters = tsd.Adapters(*state.student, frozen.teacher, state.fake_score)
-    default = tsd.Prompts(frozen.default.embeds[None], frozen.default.pooled[None])
-    _, z_hat = tsd.student(nets, frozen.base, adapters, lr, no_noise, default)
-    row = [lr[0], jnp.clip(decode(nets, frozen, z_hat)[0], -1, 1), batch["hr"][0]]
-    return jnp.concatenate(row, axis=1) * 0.5 + 0.5
-
-
-def teacher_validation_image(nets: tsd.Networks, state: trainer.TeacherState,
-                             frozen: trainer.Frozen, batch: dict[str, jax.Array], *,
-                             num_steps: int, guidance_scale: float, strength: float, seed: int
-                             ) -> jax.Array:
-    """HR | HR noised to ``strength`` | the teacher's denoising of it | the teacher's sample
-    from pure noise, for the first sample's caption (in [0, 1]; fixed noise from ``seed``)."""
-    latents = (batch["latent_hr"][:1] if "latent_hr" in batch
-               else trainer.hr_latents(nets, frozen.base, batch["hr"][:1]))
-    noise = jax.random.normal(jax.random.key(seed), latents.shape)
-    prompts = tsd.Prompts(batch["prompt_embeds"][:1], batch["pooled_prompt_embeds"][:1])
-    null = tsd.Prompts(frozen.null.embeds[None], frozen.null.pooled[None])
-    run = functools.partial(teacher.denoise, nets, frozen.base["transformer"], state.teacher,
-                            latents, noise, num_steps, prompts=prompts, null=null,
-                            guidance_scale=guidance_scale)
-    sigma = teacher.img2img_sigmas(num_steps, strength)[0]
-    noised = schedule.add_noise(latents, noise, jnp.full((1,), sigma))
-    images = [decode(nets, frozen, z) for z in (noised, run(strength=strength),
-                                                run(strength=1.0))]
-    row = [batch["hr"][0]] + [jnp.clip(x[0], -1, 1) for x in images]
-    return jnp.concatenate(row, axis=1) * 0.5 + 0.5
-
-
-def decode(nets: tsd.Networks, frozen: trainer.Frozen, latents: jax.Array) -> jax.Array:
-    """``D(z / s)`` with the frozen decoder, float32."""
-    x = nets.vae.apply({"params": frozen.base["vae"]},
-                       (latents / nets.scaling_factor).astype(nets.vae.config.dtype),
-                       method="decode")
-    return x.astype(jnp.float32)
-
-
-# --------------------------------------------------------------------------- stages
-
-
-class Stage(NamedTuple):
-    """What differs between the TSD-SR stage and the teacher stage: the state, the step, the
-    validation image and the scalars the progress bar shows."""
-
-    state: object
-    step: Callable          # (state, frozen, batch) -> (state, metrics); jitted by the loop
-    validate: Callable      # (state, frozen, batch) -> image in [0, 1]; jitted by the loop
-    shown: tuple[str, ...]
-
-
-def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
-              rng: jax.Array) -> Stage:
-    tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                                  for k, v in config.tsd.items()})
-    opt_student = trainer.optimizer(trainer.OptimConfig(**config.optim_student))
-    opt_fake = trainer.optimizer(trainer.OptimConfig(**config.optim_fake_score))
-    state = trainer.init_state(rng, model.params, initial_student(model, config, rng),
-                               config.fake_score_rank, opt_student, opt_fake)
-    step = functools.partial(trainer.train_step, nets=nets, config=tsd_config,
-                             opt_student=opt_student, opt_fake=opt_fake)
-    return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"))
-
-
-def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
-                  rng: jax.Array) -> Stage:
-    flow = teacher.FlowMatchingConfig(**config.flow)
-    opt = trainer.optimizer(trainer.OptimConfig(**config.optim_teacher))
-    if config.init_teacher == "model" and "teacher" not in model.adapters:
-        raise ConfigError(f"init_teacher='model' but {config.model} has no teacher LoRA")
-    adapter = model.adapters["teacher"] if config.init_teacher == "model" else None
-    state = trainer.init_teacher_state(rng, model.params, adapter, config.teacher_rank, opt)
-    step = functools.partial(trainer.teacher_step, nets=nets, config=flow, opt=opt)
-    sample = config.sample.to_dict()
-    validate = functools.partial(teacher_validation_image, nets, seed=config.seed, **sample)
-    return Stage(state, step, validate, ("loss",))
-
-
 # --------------------------------------------------------------------------- main
 
 
 def train(config: ml_collections.ConfigDict) -> None:
-    if config.stage not in ("tsd", "teacher"):
-        raise ConfigError(f"stage={config.stage!r}: 'tsd' or 'teacher'")
     workdir = Path(config.workdir)
-    try:
-        shard_config = sharding.ShardingConfig(**config.sharding)
-        mesh = sharding.make_mesh(shard_config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if config.batch_size % mesh.size:
-        raise ConfigError(f"batch_size={config.batch_size} does not split over the mesh's "
-                          f"{mesh.size} devices (data={mesh.shape['data']} x "
-                          f"fsdp={mesh.shape['fsdp']})")
+    shard_config, mesh = stages.make_mesh(config)
     if jax.process_index() == 0:
         print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
               f"{jax.process_count()} process(es); global batch {config.batch_size}")
     model = load_model(config)
-    teacher_adapter = load_teacher(config, model)
-    lpips_params = load_lpips(config)
-    nets = networks(model, config)
-    dtype = PRECISIONS[config.precision]
-    cast = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), tree)  # noqa: E731
-    emb = {k: tsd.Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
-           for k, v in model.embeddings.items()}
-    frozen = trainer.Frozen(base=cast(model.params), teacher=teacher_adapter,
-                            default=emb.get("default"), null=emb["null"],
-                            lpips=lpips_params and cast(lpips_params))
-    rng = jax.random.PRNGKey(config.seed)
-    stage = (tsd_stage if config.stage == "tsd" else teacher_stage)(config, model, nets, rng)
+    frozen = stages.frozen_inputs(config, model, load_teacher(config, model), load_lpips(config))
+    stage = stages.make_stage(config, model)
     batches = data_iterator(config, model)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # ------------------------------------------------------------ on the mesh
-    frozen_shardings = sharding.shardings(frozen, mesh, True, shard_config.min_shard_size)
-    frozen = sharding.put(frozen, frozen_shardings)
-    state_shardings = sharding.shardings(stage.state, mesh, shard_config.adapters == "fsdp",
-                                         shard_config.min_shard_size)
-    state = sharding.put(jax.device_get(stage.state), state_shardings)
+    jitted = stages.jit_stage(stage, frozen, mesh, shard_config)
+    frozen = sharding.put(frozen, jitted.frozen_shardings)
+    state = sharding.put(jax.device_get(stage.state), jitted.state_shardings)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     if checkpoints.latest_step() is not None:
         state, data_state = checkpoints.restore(state)
         batches.set_state(data_state)
         print(f"resumed from step {int(state.step)}")
 
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(stage.step, donate_argnums=0,
-                      in_shardings=(state_shardings, frozen_shardings,
-                                    sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, replicated))
-    validate = jax.jit(stage.validate, out_shardings=replicated)
+    step_fn, validate = jitted.step, jitted.validate
     logger = Logger(workdir)
     start = int(state.step)
     first = jax.process_index() == 0

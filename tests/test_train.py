@@ -19,7 +19,7 @@ from configs import tiny
 from conftest import convert_release
 from convert.export import main as export_main
 from convert.layout import to_flax
-from tsdsr_jax import model_dir, teacher, trainer, tsd
+from tsdsr_jax import model_dir, stages, teacher, trainer, tsd
 from tsdsr_jax.adapters import STUDENT_TARGETS
 from tsdsr_jax.checkpoint import Checkpoints
 from tsdsr_jax.data.layout import DataError
@@ -105,7 +105,7 @@ def held_out_loss(config, adapter) -> float:
     """The flow-matching loss of ``adapter`` on every training photo at eight fixed σ (fixed
     noise, no caption dropout): the training loss without its sampling noise."""
     model = train.load_model(config)
-    nets = train.networks(model, config)
+    nets = stages.networks(model, config)
     flow = teacher.FlowMatchingConfig(caption_dropout=0.0)
     null = model.embeddings["null"]
     batches = train.data_iterator(config, model)
@@ -141,14 +141,14 @@ def test_teacher_stage_learns_samples_exports_and_teaches(tmp_path):
 
     # the sampler: deterministic for a seed, another seed gives another sample
     model = train.load_model(config)
-    nets = train.networks(model, config)
+    nets = stages.networks(model, config)
     frozen = trainer.Frozen(model.params, None, None, tsd.Prompts(
         *(jnp.asarray(model.embeddings["null"][k]) for k in ("prompt_embeds",
                                                             "pooled_prompt_embeds"))), None)
     batch = {k: jnp.asarray(v) for k, v in next(train.data_iterator(config, model)).items()}
     teacher_state = trainer.TeacherState(*(state[k] for k in trainer.TeacherState._fields))
     sample = lambda seed: np.asarray(jax.jit(functools.partial(  # noqa: E731
-        train.teacher_validation_image, nets, seed=seed, **config.sample))(
+        stages.teacher_validation_image, nets, seed=seed, **config.sample))(
             teacher_state, frozen, batch))
     first = sample(0)
     assert first.shape == (64, 4 * 64, 3) and np.isfinite(first).all()

@@ -85,6 +85,11 @@ class VAEConfig:
                                  "block_out_channels")
         return config
 
+    @property
+    def downscale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD3's four blocks)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (``dtype`` as its name)."""
         return dataclasses.asdict(self) | {"dtype": self.dtype.name,

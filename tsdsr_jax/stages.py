@@ -1,0 +1,207 @@
+"""The two training stages as what a run compiles: the networks, the initial state, the step and
+the validation image of TSD-SR (``tsd``) and of the teacher LoRA (``teacher``), built from a
+config and a model (real or abstract: :mod:`tsdsr_jax.aot` compiles them from shapes alone).
+
+train.py runs them; the objectives are in tsd.py and teacher.py, the steps in trainer.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tsdsr_jax import model_dir, schedule, sharding, teacher, trainer, tsd
+from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.data.source import SampleSpec
+from tsdsr_jax.models import lora
+from tsdsr_jax.models.mmdit import MMDiT
+from tsdsr_jax.models.vae import AutoencoderKL
+from tsdsr_jax.pipeline import PRECISIONS
+
+
+class ConfigError(ValueError):
+    """A run that cannot start; said before anything compiles."""
+
+
+def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.Networks:
+    dtype = PRECISIONS[config.precision]
+    remat = None if config.remat_policy == "none" else config.remat_policy
+    mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype, remat_policy=remat,
+                                      attention_impl=config.attention_impl))
+    vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
+    return tsd.Networks(mmdit, vae, model.vae_config.scaling_factor)
+
+
+def initial_student(model: model_dir.Model, config: ml_collections.ConfigDict, rng):
+    if config.init_student == "model":
+        if not {"student", "student_vae"} <= set(model.adapters):
+            raise ConfigError(f"init_student='model' but {config.model} has no student LoRA")
+        return model.adapters["student"], model.adapters["student_vae"]
+    k_t, k_v = jax.random.split(rng)
+    base = model.params
+    return (lora.init_adapter(k_t, base["transformer"], STUDENT_TARGETS, config.student_rank),
+            lora.init_adapter(k_v, base["vae"], vae_encoder_targets(base["vae"]),
+                              config.student_vae_rank))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validation_image(nets: tsd.Networks, state: trainer.TrainState, frozen: trainer.Frozen,
+                     batch: dict[str, jax.Array]) -> jax.Array:
+    """LR | SR | HR in [0, 1] for the first sample of a batch (the student, posterior mean)."""
+    lr = batch["lr"][:1]
+    vae_config = nets.vae.config
+    factor = vae_config.downscale_factor
+    no_noise = jnp.zeros((1, lr.shape[1] // factor, lr.shape[2] // factor,
+                          vae_config.latent_channels))
+    adapters = tsd.Adapters(*state.student, frozen.teacher, state.fake_score)
+    default = tsd.Prompts(frozen.default.embeds[None], frozen.default.pooled[None])
+    _, z_hat = tsd.student(nets, frozen.base, adapters, lr, no_noise, default)
+    row = [lr[0], jnp.clip(decode(nets, frozen, z_hat)[0], -1, 1), batch["hr"][0]]
+    return jnp.concatenate(row, axis=1) * 0.5 + 0.5
+
+
+def teacher_validation_image(nets: tsd.Networks, state: trainer.TeacherState,
+                             frozen: trainer.Frozen, batch: dict[str, jax.Array], *,
+                             num_steps: int, guidance_scale: float, strength: float, seed: int
+                             ) -> jax.Array:
+    """HR | HR noised to ``strength`` | the teacher's denoising of it | the teacher's sample
+    from pure noise, for the first sample's caption (in [0, 1]; fixed noise from ``seed``)."""
+    latents = (batch["latent_hr"][:1] if "latent_hr" in batch
+               else trainer.hr_latents(nets, frozen.base, batch["hr"][:1]))
+    noise = jax.random.normal(jax.random.key(seed), latents.shape)
+    prompts = tsd.Prompts(batch["prompt_embeds"][:1], batch["pooled_prompt_embeds"][:1])
+    null = tsd.Prompts(frozen.null.embeds[None], frozen.null.pooled[None])
+    run = functools.partial(teacher.denoise, nets, frozen.base["transformer"], state.teacher,
+                            latents, noise, num_steps, prompts=prompts, null=null,
+                            guidance_scale=guidance_scale)
+    sigma = teacher.img2img_sigmas(num_steps, strength)[0]
+    noised = schedule.add_noise(latents, noise, jnp.full((1,), sigma))
+    images = [decode(nets, frozen, z) for z in (noised, run(strength=strength),
+                                                run(strength=1.0))]
+    row = [batch["hr"][0]] + [jnp.clip(x[0], -1, 1) for x in images]
+    return jnp.concatenate(row, axis=1) * 0.5 + 0.5
+
+
+def decode(nets: tsd.Networks, frozen: trainer.Frozen, latents: jax.Array) -> jax.Array:
+    """``D(z / s)`` with the frozen decoder, float32."""
+    x = nets.vae.apply({"params": frozen.base["vae"]},
+                       (latents / nets.scaling_factor).astype(nets.vae.config.dtype),
+                       method="decode")
+    return x.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Stage(NamedTuple):
+    """What differs between the TSD-SR stage and the teacher stage: the state, the step, the
+    validation image and the scalars the progress bar shows."""
+
+    state: object
+    step: Callable          # (state, frozen, batch) -> (state, metrics); jitted by the loop
+    validate: Callable      # (state, frozen, batch) -> image in [0, 1]; jitted by the loop
+    shown: tuple[str, ...]
+
+
+def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
+              rng: jax.Array) -> Stage:
+    tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                                  for k, v in config.tsd.items()})
+    opt_student = trainer.optimizer(trainer.OptimConfig(**config.optim_student))
+    opt_fake = trainer.optimizer(trainer.OptimConfig(**config.optim_fake_score))
+    state = trainer.init_state(rng, model.params, initial_student(model, config, rng),
+                               config.fake_score_rank, opt_student, opt_fake)
+    step = functools.partial(trainer.train_step, nets=nets, config=tsd_config,
+                             opt_student=opt_student, opt_fake=opt_fake)
+    return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"))
+
+
+def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
+                  rng: jax.Array) -> Stage:
+    flow = teacher.FlowMatchingConfig(**config.flow)
+    opt = trainer.optimizer(trainer.OptimConfig(**config.optim_teacher))
+    if config.init_teacher == "model" and "teacher" not in model.adapters:
+        raise ConfigError(f"init_teacher='model' but {config.model} has no teacher LoRA")
+    adapter = model.adapters["teacher"] if config.init_teacher == "model" else None
+    state = trainer.init_teacher_state(rng, model.params, adapter, config.teacher_rank, opt)
+    step = functools.partial(trainer.teacher_step, nets=nets, config=flow, opt=opt)
+    sample = config.sample.to_dict()
+    validate = functools.partial(teacher_validation_image, nets, seed=config.seed, **sample)
+    return Stage(state, step, validate, ("loss",))
+
+
+def make_stage(config: ml_collections.ConfigDict, model: model_dir.Model) -> Stage:
+    """The configured stage (``config.stage``) on ``model``, from ``config.seed``."""
+    if config.stage not in ("tsd", "teacher"):
+        raise ConfigError(f"stage={config.stage!r}: 'tsd' or 'teacher'")
+    build = tsd_stage if config.stage == "tsd" else teacher_stage
+    return build(config, model, networks(model, config), jax.random.PRNGKey(config.seed))
+
+
+def frozen_inputs(config: ml_collections.ConfigDict, model: model_dir.Model,
+                  teacher_adapter: object, lpips_params: object) -> trainer.Frozen:
+    """What every step reads, the base and LPIPS in the compute precision."""
+    dtype = PRECISIONS[config.precision]
+    cast = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)  # noqa: E731
+    emb = {k: tsd.Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
+           for k, v in model.embeddings.items()}
+    return trainer.Frozen(base=cast(model.params), teacher=teacher_adapter,
+                          default=emb.get("default"), null=emb["null"],
+                          lpips=lpips_params and cast(lpips_params))
+
+
+def sample_spec(config: ml_collections.ConfigDict, model: model_dir.Model) -> SampleSpec:
+    """The shapes of one training sample for this model at ``config.data.resolution``."""
+    t, v = model.transformer_config, model.vae_config
+    return SampleSpec(resolution=config.data.resolution,
+                      prompt_shape=model.embeddings["null"]["prompt_embeds"].shape,
+                      pooled_dim=t.pooled_projection_dim, latent_channels=v.latent_channels,
+                      vae_factor=v.downscale_factor)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None
+              ) -> tuple[sharding.ShardingConfig, jax.sharding.Mesh]:
+    """The ``data x fsdp`` mesh of ``config.sharding`` over ``devices`` (default: all), checked
+    against the global batch."""
+    try:
+        shard_config = sharding.ShardingConfig(**config.sharding)
+        mesh = sharding.make_mesh(shard_config, devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.batch_size % mesh.size:
+        raise ConfigError(f"batch_size={config.batch_size} does not split over the mesh's "
+                          f"{mesh.size} devices (data={mesh.shape['data']} x "
+                          f"fsdp={mesh.shape['fsdp']})")
+    return shard_config, mesh
+
+
+class Jitted(NamedTuple):
+    """A stage's step and validation jitted for a mesh, with the shardings of their inputs."""
+
+    step: Callable          # (state, frozen, batch) -> (state, metrics); the state is donated
+    validate: Callable      # (state, frozen, batch) -> image
+    state_shardings: object
+    frozen_shardings: object
+
+
+def jit_stage(stage: Stage, frozen: trainer.Frozen, mesh: jax.sharding.Mesh,
+              shard_config: sharding.ShardingConfig) -> Jitted:
+    """The frozen inputs split over ``fsdp``, the state as ``shard_config.adapters`` says, the
+    batch over every device; ``frozen`` and ``stage.state`` may be abstract."""
+    frozen_shardings = sharding.shardings(frozen, mesh, True, shard_config.min_shard_size)
+    state_shardings = sharding.shardings(stage.state, mesh, shard_config.adapters == "fsdp",
+                                         shard_config.min_shard_size)
+    replicated = sharding.replicated(mesh)
+    step = jax.jit(stage.step, donate_argnums=0,
+                   in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated))
+    validate = jax.jit(stage.validate, out_shardings=replicated)
+    return Jitted(step, validate, state_shardings, frozen_shardings)
