@@ -1,10 +1,14 @@
 # Set-up and the main jobs; each target builds .venv on first use.
 #   make demo    super-resolve the bundled photos (tiny random model unless MODEL=dir)
-#   make test    the test suite (installs the PyTorch references too)
+#   make test    the test suite (installs the PyTorch references and the GPU compiler too)
 # On a GPU machine add EXTRAS=cuda (installs jax[cuda12]).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The GPU compiler for compiling without a GPU (tsdsr_jax/aot, the fit check): Python 3.12 and
+# the jax release of the GPU machines, with its CUDA plugin and cuDNN (no GPU needed).
+PYTHON_GPU ?= python3.12
+JAX_GPU := 0.11.2
 EXTRAS ?=
 MODEL ?= tiny
 
@@ -25,9 +29,19 @@ $(VENV)/.test: $(VENV)/.runtime
 
 comma := ,
 
+.venv-gpu/.aot: pyproject.toml
+	PYENV_VERSION=$${PYENV_VERSION:-$$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -n 1)} \
+	  $(PYTHON_GPU) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --upgrade pip
+	.venv-gpu/bin/python -m pip install -q jax==$(JAX_GPU) jaxlib==$(JAX_GPU)
+	.venv-gpu/bin/python -m pip install -q --no-deps jax-cuda13-plugin==$(JAX_GPU) \
+	  jax-cuda13-pjrt==$(JAX_GPU) nvidia-cudnn-cu13==9.28.1.4
+	.venv-gpu/bin/python -m pip install -q -e .
+	touch $@
+
 .PHONY: demo test
 demo: $(VENV)/.runtime
 	$(PY) infer.py --model $(MODEL) -i tests/data -o outputs/demo --compare
 
-test: $(VENV)/.test
+test: $(VENV)/.test .venv-gpu/.aot
 	$(PY) -m pytest -q

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from tsdsr_jax import model_dir
 from tsdsr_jax.images import ImageError, list_images, load_image, save_png
-from tsdsr_jax.pipeline import PRECISIONS, InferenceConfig, Pipeline
+from tsdsr_jax.cli import add_network_flags, inference_config
+from tsdsr_jax.pipeline import Pipeline
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
 
 
@@ -31,24 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model directory from `python -m convert`, or 'tiny' (random weights)")
     p.add_argument("-i", "--input", type=Path, required=True, help="an image or a folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    p.add_argument("--upscale", type=int, default=4)
-    p.add_argument("--process-size", type=int, default=512)
     p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
     p.add_argument("--vae", choices=["sample", "mean"], default="sample",
                    help="posterior sample (official) or its mean (deterministic)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
-    p.add_argument("--batch-size", type=int, default=1, help="images of one size per call")
-    p.add_argument("--devices", type=int, default=1,
-                   help="split each batch over this many devices (a multiple of them)")
-    p.add_argument("--latent-tile", type=int, default=64)
-    p.add_argument("--latent-overlap", type=int, default=8)
-    p.add_argument("--vae-encoder-tile", type=int, default=None,
-                   help="tile the VAE encoder (image pixels), for very large images")
-    p.add_argument("--vae-decoder-tile", type=int, default=None,
-                   help="tile the VAE decoder (latent pixels), for very large images")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
-                   help="attention kernel (default: cuDNN on a GPU in bf16/fp16, else XLA)")
+    add_network_flags(p)
     p.add_argument("--compare", action="store_true",
                    help="also write OUTDIR/compare/NAME.png: LR (nearest) | SR")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tsdsr_jax",
@@ -68,16 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     jax.config.update("jax_compilation_cache_dir", str(args.cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    config = InferenceConfig(
-        upscale=args.upscale, process_size=args.process_size, color_fix=args.color_fix,
-        vae_posterior=args.vae, precision=args.precision, latent_tile=args.latent_tile,
-        latent_overlap=args.latent_overlap, vae_encoder_tile=args.vae_encoder_tile,
-        vae_decoder_tile=args.vae_decoder_tile, attention_impl=args.attention)
     if args.input.is_dir() and args.output.resolve() == args.input.resolve():
         print(f"error: {args.output}: write the outputs to another folder than the inputs",
               file=sys.stderr)
         return 2
     try:
+        config = inference_config(args, color_fix=args.color_fix, vae_posterior=args.vae)
         if args.batch_size % args.devices:
             raise ValueError(f"--batch-size {args.batch_size} is not a multiple of "
                              f"--devices {args.devices}")

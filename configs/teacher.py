@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.total_steps = 20_000
     c.batch_size = 4                  # global, split over all devices
     c.precision = "bf16"              # compute dtype of the frozen base (LoRA stays float32)
-    c.remat_policy = "full"           # none | full | dots: rematerialise transformer blocks
+    c.remat_policy = "full"           # none | full | dots: rematerialise MMDiT and VAE blocks
     c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
     c.init_teacher = "random"         # random (peft init) | model (the model dir's teacher LoRA)
     c.teacher_rank = 64               # at the student's targets, as the released teacher

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.total_steps = 200_000
     c.batch_size = 2                  # global, split over all devices (released: 2 per GPU x 8)
     c.precision = "bf16"              # compute dtype of the frozen base (LoRA stays float32)
-    c.remat_policy = "full"           # none | full | dots: rematerialise transformer blocks
+    c.remat_policy = "full"           # none | full | dots: rematerialise MMDiT and VAE blocks
     c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
     c.init_student = "random"         # random (peft init) | model (the model dir's student)
     # lora (the model dir's teacher LoRA) | sd3 (plain SD3) | a teacher run's checkpoints folder

@@ -119,3 +119,18 @@ def test_output_folder_equal_to_input_is_refused(tmp_path, capsys):
     shutil.copy(DATA / "chelsea.jpg", tmp_path)
     assert run_tiny(tmp_path, tmp_path) == 2
     assert "another folder" in capsys.readouterr().err
+
+
+def test_tiles_a_few_at_a_time(tmp_path):
+    """Latent tiles in chunks give the image of all tiles at once; VAE windows in chunks (the
+    fast mode) give an image of the same size."""
+    tiles = ["--vae", "mean", "--latent-tile", "16", "--latent-overlap", "4"]
+    assert run_tiny(DATA / "astronaut.png", tmp_path / "all", *tiles) == 0
+    assert run_tiny(DATA / "astronaut.png", tmp_path / "chunks", *tiles,
+                    "--latent-max-tiles", "3") == 0
+    read = lambda run: np.asarray(Image.open(tmp_path / run / "astronaut.png"))  # noqa: E731
+    assert np.abs(read("all").astype(int) - read("chunks")).max() <= 1
+    assert run_tiny(DATA / "astronaut.png", tmp_path / "vae", "--vae", "mean",
+                    "--vae-encoder-tile", "128", "--vae-decoder-tile", "16",
+                    "--vae-max-tiles", "2") == 0
+    assert read("vae").shape == read("all").shape == (512, 512, 3)

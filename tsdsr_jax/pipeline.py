@@ -48,6 +48,11 @@ class InferenceConfig:
     latent_overlap: int = 8
     vae_encoder_tile: int | None = None  # image pixels; None = untiled
     vae_decoder_tile: int | None = None  # latent pixels; None = untiled
+    # How many tiles go through the network at once (None: all). Fewer tiles hold less memory;
+    # VAE windows in chunks normalise with GroupNorm statistics estimated from a downscaled copy
+    # of the image (vaehook's fast mode), which is approximate.
+    latent_max_tiles: int | None = None
+    vae_max_tiles: int | None = None
     attention_impl: str | None = None   # None: cuDNN on a GPU in bf16/fp16, else XLA
 
     def __post_init__(self):
@@ -57,6 +62,9 @@ class InferenceConfig:
             raise ValueError(f"vae_posterior {self.vae_posterior!r}: 'sample' or 'mean'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: one of {list(PRECISIONS)}")
+        for name in ("latent_max_tiles", "vae_max_tiles"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: at least 1 (or None: all)")
 
 
 def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, int, bool]:
@@ -80,8 +88,25 @@ def attention_impl(config: InferenceConfig) -> str | None:
     return "cudnn"
 
 
+def inference_params(params: dict[str, Any], adapters: dict[str, Any],
+                     default_prompt: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """The network's inputs: the student LoRA merged into the base (where the model has it),
+    everything in ``dtype``."""
+    transformer, vae = params["transformer"], params["vae"]
+    if "student" in adapters:
+        transformer = lora.merge(transformer, adapters["student"])
+    if "student_vae" in adapters:
+        vae = lora.merge(vae, adapters["student_vae"])
+    cast = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, dtype))
+    return {"transformer": cast(transformer), "vae": cast(vae),
+            "prompt_embeds": cast(default_prompt["prompt_embeds"]),
+            "pooled_prompt_embeds": cast(default_prompt["pooled_prompt_embeds"])}
+
+
 class Pipeline:
-    """The student (LoRA merged into the frozen base) as one jitted function per shape."""
+    """The student (LoRA merged into the frozen base) as one jitted function per shape. A model
+    whose params are ``jax.ShapeDtypeStruct`` gives a pipeline that can only be compiled
+    (tsdsr_jax.aot)."""
 
     def __init__(self, model: Model, config: InferenceConfig = InferenceConfig(),
                  mesh: jax.sharding.Mesh | None = None):
@@ -91,17 +116,10 @@ class Pipeline:
         if "default" not in model.embeddings:
             raise ValueError(f"{model.path}: no default-prompt embeddings "
                              "(convert with --embeddings)")
-        transformer = model.params["transformer"]
-        vae = model.params["vae"]
-        if "student" in model.adapters:
-            transformer = lora.merge(transformer, model.adapters["student"])
-        if "student_vae" in model.adapters:
-            vae = lora.merge(vae, model.adapters["student_vae"])
-        cast = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, dtype))
-        emb = model.embeddings["default"]
-        self.params = {"transformer": cast(transformer), "vae": cast(vae),
-                       "prompt_embeds": emb["prompt_embeds"].astype(dtype),
-                       "pooled_prompt_embeds": emb["pooled_prompt_embeds"].astype(dtype)}
+        prepare = functools.partial(inference_params, dtype=dtype)
+        args = (model.params, model.adapters, model.embeddings["default"])
+        abstract = isinstance(jax.tree_util.tree_leaves(model.params)[0], jax.ShapeDtypeStruct)
+        self.params = jax.eval_shape(prepare, *args) if abstract else prepare(*args)
         self.mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
                                                attention_impl=attention_impl(config)))
         self.vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
@@ -112,7 +130,8 @@ class Pipeline:
         else:
             params_sh = sharding.shardings(self.params, mesh, True,
                                           sharding.ShardingConfig.min_shard_size)
-            self.params = sharding.put(self.params, params_sh)
+            if not abstract:
+                self.params = sharding.put(self.params, params_sh)
             self.network = jax.jit(
                 self._super_resolve, static_argnums=3,
                 in_shardings=(params_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
@@ -130,7 +149,8 @@ class Pipeline:
         x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
         vae = {"params": params["vae"]}
         if cfg.vae_encoder_tile:
-            mean, logvar = tiling.tiled_encode(self.vae, vae, x, cfg.vae_encoder_tile)
+            mean, logvar = tiling.tiled_encode(self.vae, vae, x, cfg.vae_encoder_tile,
+                                                max_tiles=cfg.vae_max_tiles)
         else:
             mean, logvar = self.vae.apply(vae, x, method="encode")
         z = mean if cfg.vae_posterior == "mean" else sample_posterior(rng, mean, logvar)
@@ -145,10 +165,11 @@ class Pipeline:
                                  (n, *params["pooled_prompt_embeds"].shape)))
 
         v = tiling.tiled_apply(transformer, z_l.astype(self.mmdit.config.dtype),
-                               cfg.latent_tile, cfg.latent_overlap)
+                               cfg.latent_tile, cfg.latent_overlap, cfg.latent_max_tiles)
         z_h = (z_l - v.astype(z_l.dtype)) / self.scaling_factor + self.shift_factor
         if cfg.vae_decoder_tile:
-            image = tiling.tiled_decode(self.vae, vae, z_h, cfg.vae_decoder_tile)
+            image = tiling.tiled_decode(self.vae, vae, z_h, cfg.vae_decoder_tile,
+                                        max_tiles=cfg.vae_max_tiles)
         else:
             image = self.vae.apply(vae, z_h, method="decode")
         image = jnp.clip(image.astype(jnp.float32), -1, 1)[:, :size[0], :size[1]]

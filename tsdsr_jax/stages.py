@@ -30,11 +30,13 @@ class ConfigError(ValueError):
 
 
 def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.Networks:
+    """The MMDiT and the VAE in the compute precision, both rematerialised by
+    ``config.remat_policy``, the MMDiT with ``config.attention_impl``."""
     dtype = PRECISIONS[config.precision]
     remat = None if config.remat_policy == "none" else config.remat_policy
     mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype, remat_policy=remat,
                                       attention_impl=config.attention_impl))
-    vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
+    vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype, remat_policy=remat))
     return tsd.Networks(mmdit, vae, model.vae_config.scaling_factor)
 
 

@@ -24,18 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsdsr_jax.models import remat
 from tsdsr_jax.models.lora import Conv, Dense
 
 PyTree = Any
 
 _QK_NORMS = (None, "rms_norm")
-
-
-# Which activations a rematerialised block keeps for the backward pass.
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,          # least memory
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
 
 
 @dataclass(frozen=True)
@@ -59,7 +53,7 @@ class MMDiTConfig:
     qk_norm: str | None = None
     dtype: Any = jnp.float32
     attention_impl: str | None = None
-    remat_policy: str | None = None  # rematerialise each block in training: see REMAT_POLICIES
+    remat_policy: str | None = None  # rematerialise each block in training: see remat.POLICIES
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -76,9 +70,7 @@ class MMDiTConfig:
                              f"joint attention needs heads * head_dim = {self.inner_dim}")
         if self.attention_impl not in (None, "xla", "cudnn"):
             raise ValueError(f"unsupported attention_impl {self.attention_impl!r}")
-        if self.remat_policy not in (None, *REMAT_POLICIES):
-            raise ValueError(f"unsupported remat_policy {self.remat_policy!r} "
-                             f"(supported: None, {', '.join(REMAT_POLICIES)})")
+        remat.check(self.remat_policy)
 
     @property
     def inner_dim(self) -> int:
@@ -399,7 +391,7 @@ class MMDiT(nn.Module):
             encoder_hidden_states)
         block_class = JointTransformerBlock
         if cfg.remat_policy is not None:
-            block_class = nn.remat(JointTransformerBlock, policy=REMAT_POLICIES[cfg.remat_policy])
+            block_class = nn.remat(JointTransformerBlock, policy=remat.POLICIES[cfg.remat_policy])
         for i in range(cfg.num_layers):
             block = block_class(cfg, context_pre_only=i == cfg.num_layers - 1,
                                           dual_attention=i in cfg.dual_attention_layers,

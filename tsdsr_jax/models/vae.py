@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsdsr_jax.models import remat
 from tsdsr_jax.models.lora import Conv, Dense
 
 Dtype = Any
@@ -33,7 +34,8 @@ _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpD
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """diffusers' ``AutoencoderKL`` config (same names and defaults) plus the compute ``dtype``."""
+    """diffusers' ``AutoencoderKL`` config (same names and defaults) plus the compute ``dtype``
+    and the ``remat_policy`` of training."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -47,10 +49,12 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
+    remat_policy: str | None = None  # rematerialise each down/up/mid block: see remat.POLICIES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        remat.check(self.remat_policy)
 
     @classmethod
     def sd3(cls, dtype: Dtype = jnp.float32) -> VAEConfig:
@@ -238,6 +242,15 @@ class ResnetStack(nn.Module):
         return x
 
 
+def _blocks(config: VAEConfig) -> tuple[type[nn.Module], type[nn.Module]]:
+    """The ``ResnetStack`` and ``MidBlock`` classes, rematerialised as the config says."""
+    if config.remat_policy is None:
+        return ResnetStack, MidBlock
+    policy = remat.POLICIES[config.remat_policy]
+    return (nn.remat(ResnetStack, policy=policy),
+            nn.remat(MidBlock, policy=policy))
+
+
 class Encoder(nn.Module):
     """Image (N, H, W, in_channels) -> posterior moments (N, H/f, W/f, 2·latent_channels)."""
 
@@ -247,12 +260,12 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dtype = self.config, self.config.dtype
         channels = cfg.block_out_channels
+        stack, mid = _blocks(cfg)
         x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(x)
         for i, c in enumerate(channels):
-            x = ResnetStack(c, cfg.layers_per_block, cfg.norm_num_groups,
-                            "down" if i < len(channels) - 1 else None, dtype,
-                            name=f"down_blocks.{i}")(x)
-        x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
+            x = stack(c, cfg.layers_per_block, cfg.norm_num_groups,
+                      "down" if i < len(channels) - 1 else None, dtype, name=f"down_blocks.{i}")(x)
+        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
         return Conv(2 * cfg.latent_channels, padding=1, dtype=dtype, name="conv_out")(x)
 
@@ -266,12 +279,12 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, dtype = self.config, self.config.dtype
         channels = cfg.block_out_channels[::-1]
+        stack, mid = _blocks(cfg)
         x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(z)
-        x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
+        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
         for i, c in enumerate(channels):
-            x = ResnetStack(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                            "up" if i < len(channels) - 1 else None, dtype,
-                            name=f"up_blocks.{i}")(x)
+            x = stack(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
+                      "up" if i < len(channels) - 1 else None, dtype, name=f"up_blocks.{i}")(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
         return Conv(cfg.out_channels, padding=1, dtype=dtype, name="conv_out")(x)
 

@@ -1,0 +1,101 @@
+"""Compiles the tiny configs for an H200 with the real GPU settings (bf16, cuDNN attention, the
+configs' remat policy): every inference path and every training step, on one GPU and sharded.
+Any trace or compile error is reported for its case. The suite runs it (tests/test_gpu_compile.py)
+in the environment that has the GPU compiler:
+
+    .venv-gpu/bin/python -m tsdsr_jax.aot.check --json plans.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")              # compile for the GPU, run nothing
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from tsdsr_jax.aot import programs  # noqa: E402
+from tsdsr_jax.aot.plan import gpu_devices  # noqa: E402
+from tsdsr_jax.pipeline import InferenceConfig  # noqa: E402
+
+CARD = "h200"
+GPU_INFERENCE = InferenceConfig(precision="bf16", attention_impl="cudnn")
+
+
+def _train_config(stage: str, **overrides):
+    config = tiny.get_config(stage)
+    config.precision, config.attention_impl, config.remat_policy = "bf16", "cudnn", "full"
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def _inference(lr_side: int, gpus: int = 1, batch: int = 1, **options) -> Callable:
+    config = InferenceConfig(**{**vars(GPU_INFERENCE), **options})
+    return lambda: programs.inference(programs.abstract_model("tiny"), config, batch,
+                                      (lr_side, lr_side), gpu_devices(CARD, gpus))
+
+
+def _training(stage: str, gpus: int = 1, **overrides) -> Callable:
+    return lambda: programs.training(_train_config(stage, **overrides), gpu_devices(CARD, gpus))
+
+
+CASES: dict[str, Callable] = {
+    "infer untiled": _inference(32),
+    "infer latent tiles": _inference(64, latent_tile=16, latent_overlap=4),
+    "infer tiled VAE": _inference(64, vae_encoder_tile=128, vae_decoder_tile=16),
+    "infer --devices 2": _inference(32, gpus=2, batch=2),
+    "tsd N=1": _training("tsd", **{"tsd.dasm_steps": 1}),
+    "tsd N=4": _training("tsd", **{"tsd.dasm_steps": 4}),
+    "teacher": _training("teacher"),
+    "tsd 8 GPUs data 4 x fsdp 2": _training(
+        "tsd", gpus=8, batch_size=8, **{"sharding.data": 4, "sharding.fsdp": 2,
+                                        "sharding.min_shard_size": 256}),
+}
+
+
+def run(names: list[str]) -> dict[str, dict]:
+    """Each case's plan (bytes, kernels, FLOPs, the fused-attention kernels) or its error."""
+    results = {}
+    for name in names:
+        try:
+            plan = CASES[name]().plan()
+        except Exception as e:  # reported per case: the test names the failing one
+            results[name] = {"error": f"{type(e).__name__}: {e}",
+                             "traceback": traceback.format_exc(limit=-6)}
+            continue
+        results[name] = {"peak_bytes": plan.peak_bytes, "temp_bytes": plan.temp_bytes,
+                         "kernels": plan.kernels, "flops": plan.flops,
+                         "collective_bytes": plan.collective_bytes, "compile_s": plan.compile_s,
+                         "fmha": plan.hlo.count('custom_call_target="__cudnn$fmhaSoftmax"'),
+                         "fmha_backward": plan.hlo.count(
+                             'custom_call_target="__cudnn$fmhaSoftmaxBackward"')}
+        print(f"{name}: {results[name]['peak_bytes'] / 2**20:.1f} MiB, "
+              f"{plan.kernels} kernels, {plan.compile_s:.1f} s", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--case", action="append", choices=sorted(CASES),
+                        help="only these cases (default: all)")
+    args = parser.parse_args()
+    results = run(args.case or list(CASES))
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

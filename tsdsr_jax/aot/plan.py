@@ -1,0 +1,184 @@
+"""What the GPU compiler plans for a program: its memory, kernel launches, FLOPs and the bytes
+its collectives move, read from a deviceless compile for a :class:`~tsdsr_jax.aot.cards.Card`.
+
+    devices = gpu_devices("h200", 1)
+    plan = compile_plan(jax.jit(fn), abstract_args)   # ShapeDtypeStructs, nothing allocated
+    print(plan.peak_bytes / 2**30, plan.kernels, plan.flops)
+
+It needs jax's CUDA plugin and cuDNN installed (not a GPU): ``make .venv-gpu/.aot``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+
+
+from tsdsr_jax.aot.cards import CARDS
+
+
+class NoGPUCompiler(RuntimeError):
+    """jax's CUDA plugin is not installed, so nothing can be compiled for a GPU here."""
+
+
+def gpu_devices(card: str, num_gpus: int = 1, hosts: int = 1) -> list:
+    """Devices of ``hosts`` x ``num_gpus`` ``card`` GPUs that the compiler can target."""
+    from jax.experimental import topologies
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology=f"1x{hosts}x{num_gpus}",
+            target_config=CARDS[card].target_config())
+    except Exception as e:  # the plugin raises plain errors when absent or unusable
+        raise NoGPUCompiler(f"cannot compile for a GPU with this jax ({type(e).__name__}: {e}); "
+                            "use .venv-gpu/bin/python (`make .venv-gpu/.aot` builds it)") from None
+    return list(topology.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A compiled program's buffers (bytes per device) and what its HLO launches."""
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int          # outputs that reuse donated arguments
+    temp_bytes: int
+    kernels: int              # kernel launches per call (loop bodies times their trip count)
+    flops: float              # GEMMs, convolutions and fused attention
+    collective_bytes: int     # results of all-gathers, reduce-scatters, all-reduces, all-to-alls
+    compile_s: float
+    hlo: str = dataclasses.field(repr=False)
+
+    @property
+    def peak_bytes(self) -> int:
+        """What the device holds at once: arguments, new outputs and temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def compile_plan(jitted: Callable, args: Sequence, kwargs: dict | None = None) -> Plan:
+    """Lowers and compiles ``jitted`` for the devices its shardings name; any trace or compile
+    error propagates."""
+    tic = time.perf_counter()
+    compiled = jitted.lower(*args, **(kwargs or {})).compile()
+    compile_s = time.perf_counter() - tic
+    m = compiled.memory_analysis()
+    text = compiled.as_text()
+    kernels, flops, collective = hlo_counts(text)
+    return Plan(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                m.temp_size_in_bytes, kernels, flops, collective, compile_s, text)
+
+
+# --------------------------------------------------------------------------- HLO text
+
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+# Instructions that launch nothing: bookkeeping, and the second half of async pairs.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+         "partition-id", "replica-id", "copy-done", "all-gather-done", "all-reduce-done",
+         "collective-permute-done", "async-done", "send-done", "recv-done", "opt-barrier"}
+_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_ELEMENT_BYTES = {"pred": 1, "bf16": 2}
+
+
+def _arrays(text: str) -> list[tuple[str, list[int]]]:
+    return [(dt, [int(d) for d in dims.split(",") if d]) for dt, dims in _ARRAY.findall(text)]
+
+
+def _bytes(dtype: str, dims: list[int]) -> int:
+    size = _ELEMENT_BYTES.get(dtype) or max(int(re.sub(r"\D", "", dtype) or 8) // 8, 1)
+    return size * math.prod(dims)
+
+
+def _collective_bytes(result: str) -> int:
+    """The bytes a collective delivers: its (last) result array; an async start's tuple also
+    holds the input."""
+    arrays = _arrays(result)
+    return _bytes(*arrays[-1]) if arrays else 0
+
+
+def _computations(text: str) -> tuple[dict[str, list[tuple]], str]:
+    """Each computation's instructions as (name, result text, opcode, rest), and the entry's
+    name."""
+    computations, current, entry = {}, None, None
+    for line in text.splitlines():
+        if (line and not line[0].isspace() and line.rstrip().endswith("{")
+                and not line.startswith("HloModule")):
+            header = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+            current = computations.setdefault(header.lstrip("%"), [])
+            if line.startswith("ENTRY"):
+                entry = header.lstrip("%")
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and (m := _INSTRUCTION.match(line)):
+            current.append(m.groups())
+    return computations, entry
+
+
+def _flops(op: str, result: str, rest: str, shapes: dict[str, list[int]],
+           computations: dict[str, list[tuple]]) -> float:
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    dims = lambda i: shapes.get(operands[i], []) if i < len(operands) else []  # noqa: E731
+    out = _arrays(result)[0][1] if _arrays(result) else []
+    if op == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        k = math.prod(dims(0)[int(i)] for i in contracting.group(1).split(",") if i) \
+            if contracting and dims(0) else 1
+        return 2.0 * math.prod(out) * k
+    if op == "fusion":
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        return sum(_flops(op, result, rest, shapes, computations)
+                   for _, result, op, rest in computations.get(called.group(1), [])
+                   ) if called else 0.0
+    if op != "custom-call":
+        return 0.0
+    target = re.search(r'custom_call_target="([^"]+)"', rest).group(1)
+    if "$conv" in target:  # the forward convolution's output and filter, whichever is computed
+        labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
+        forward_out, kernel = {"__cudnn$convBackwardInput": (dims(0), dims(1)),
+                               "__cudnn$convBackwardFilter": (dims(1), out)}.get(
+                                   target, (out, dims(1)))
+        return 2.0 * math.prod(forward_out) * math.prod(kernel) / kernel[labels.index("o")]
+    if "fmha" in target:  # (B, T, N, H) query and key: two GEMMs forward, five backward
+        constraints = _arrays(rest.split("operand_layout_constraints=", 1)[-1])
+        (b, t, n, h), s = constraints[0][1], constraints[1][1][1]
+        return 4.0 * b * n * t * s * h * (2.5 if "Backward" in target else 1.0)
+    if "gemm" in target or "matmul" in target:
+        contracting = re.search(r'"lhs_contracting_dimensions":\["?([\d",]*)\]', rest)
+        k = math.prod(dims(0)[int(i)] for i in contracting.group(1).replace('"', "").split(",")
+                      if i) if contracting and dims(0) else 1
+        return 2.0 * math.prod(out) * k
+    return 0.0
+
+
+def hlo_counts(text: str) -> tuple[int, float, int]:
+    """(kernel launches, FLOPs, collective result bytes) of a compiled GPU program."""
+    computations, entry = _computations(text)
+    shapes = {name: (_arrays(result)[0][1] if _arrays(result) else [])
+              for instructions in computations.values() for name, result, _, _ in instructions}
+    kernels = flops = collective = 0
+
+    def visit(name: str, times: int) -> None:
+        nonlocal kernels, flops, collective
+        for _, result, op, rest in computations.get(name, []):
+            if op == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                visit(re.search(r"body=%?([\w.\-]+)", rest).group(1),
+                      times * (int(trip.group(1)) if trip else 1))
+            elif op in ("call", "conditional"):
+                for called in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)",
+                                         rest):
+                    visit(called, times)
+            elif op not in _FREE:
+                kernels += times
+                flops += times * _flops(op, result, rest, shapes, computations)
+                inner = [op]
+                if op == "async-start":  # a wrapped collective: its computation names it
+                    called = re.search(r"calls=%?([\w.\-]+)", rest)
+                    inner = [i[2] for i in computations.get(called.group(1), [])] if called else []
+                if any(o.removesuffix("-start") in _COLLECTIVES for o in inner):
+                    collective += times * _collective_bytes(result)
+
+    visit(entry, 1)
+    return kernels, flops, collective

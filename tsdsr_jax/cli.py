@@ -1,0 +1,41 @@
+"""Command-line flags shared by the commands that build the inference network (infer.py and the
+fit check), and the :class:`~tsdsr_jax.pipeline.InferenceConfig` they give."""
+
+from __future__ import annotations
+
+import argparse
+
+from tsdsr_jax.pipeline import PRECISIONS, InferenceConfig
+
+
+def add_network_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that shape the jitted network: sizes, precision, batching and tiling."""
+    p.add_argument("--upscale", type=int, default=4)
+    p.add_argument("--process-size", type=int, default=512)
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
+    p.add_argument("--batch-size", type=int, default=1, help="images of one size per call")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split each batch over this many devices (a multiple of them)")
+    p.add_argument("--latent-tile", type=int, default=64)
+    p.add_argument("--latent-overlap", type=int, default=8)
+    p.add_argument("--vae-encoder-tile", type=int, default=None,
+                   help="tile the VAE encoder (image pixels), for very large images")
+    p.add_argument("--vae-decoder-tile", type=int, default=None,
+                   help="tile the VAE decoder (latent pixels), for very large images")
+    p.add_argument("--latent-max-tiles", type=int, default=None,
+                   help="latent tiles per transformer call (default: all; fewer use less memory)")
+    p.add_argument("--vae-max-tiles", type=int, default=None,
+                   help="VAE windows per call (default: all, exact); fewer use less memory, "
+                        "with GroupNorm statistics estimated from a downscaled copy")
+    p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
+                   help="attention kernel (default: cuDNN on a GPU in bf16/fp16, else XLA)")
+
+
+def inference_config(args: argparse.Namespace, **overrides) -> InferenceConfig:
+    """The config of :func:`add_network_flags`' flags (plus ``overrides``)."""
+    return InferenceConfig(**{
+        "upscale": args.upscale, "process_size": args.process_size, "precision": args.precision,
+        "latent_tile": args.latent_tile, "latent_overlap": args.latent_overlap,
+        "vae_encoder_tile": args.vae_encoder_tile, "vae_decoder_tile": args.vae_decoder_tile,
+        "latent_max_tiles": args.latent_max_tiles, "vae_max_tiles": args.vae_max_tiles,
+        "attention_impl": args.attention, **overrides})

@@ -1,0 +1,174 @@
+"""Does it fit? The GPU compiler's memory plan of a training config or an inference size on a
+card, and the largest batch that fits, on any host (no GPU needed; `make .venv-gpu/.aot`):
+
+    python -m tsdsr_jax.fit --gpu rtx4090 --config configs/tsd.py [--config.key=value ...]
+    python -m tsdsr_jax.fit --gpu a100-40g --infer --size 4096 --vae-encoder-tile 1024 ...
+
+Training takes the config's model (its config.json only; SD3-medium's shapes when the folder is
+absent), its mesh over ``--gpus`` GPUs and ``batch_size`` as the global batch. Inference takes
+infer.py's network flags and the output side ``--size``. A program fits when its peak (arguments,
+outputs and temporaries, per GPU) is within the share of the card's memory that JAX takes
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by default). The largest batch is extrapolated from
+two compiles (memory grows linearly with the batch) and checked by a third.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")              # compile for the GPU, run nothing
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from tsdsr_jax import cli, model_dir, stages  # noqa: E402
+from tsdsr_jax.aot import programs  # noqa: E402
+from tsdsr_jax.aot.cards import CARDS, GIB  # noqa: E402
+from tsdsr_jax.aot.plan import NoGPUCompiler, Plan, gpu_devices  # noqa: E402
+
+MAX_BATCH = 4096
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m tsdsr_jax.fit",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--gpu", required=True, choices=sorted(CARDS))
+    p.add_argument("--gpus", type=int, default=1, help="GPUs on one host (training's mesh)")
+    p.add_argument("--mem-fraction", type=float,
+                   default=float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)),
+                   help="the share of the card's memory JAX takes (default: as JAX would)")
+    p.add_argument("--no-search", action="store_true", help="only the given batch")
+    p.add_argument("--infer", action="store_true", help="inference instead of training")
+    p.add_argument("--size", type=int, default=512, help="--infer: the output side in pixels")
+    p.add_argument("--model", default="sd3-medium",
+                   help="--infer: a model directory (its config.json), or sd3-medium")
+    cli.add_network_flags(p)
+    args, rest = p.parse_known_args(argv)
+    if not 0 < args.mem_fraction <= 1:
+        p.error(f"--mem-fraction {args.mem_fraction}: between 0 and 1")
+    for name in ("gpus", "size", "batch_size", "upscale"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.infer and rest:
+        p.error(f"--infer takes no training config: {' '.join(rest)}")
+    if not args.infer and not any(a.startswith("--config") for a in rest):
+        p.error("give --config FILE (training) or --infer")
+    return args, rest
+
+
+def training_config(rest: list[str]):
+    """``--config FILE`` and its ``--config.key=value`` overrides, as train.py reads them."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", flag_values=values,
+                                    lock_config=True)
+    try:
+        values(["fit", *rest])
+        config = values.config
+        config.keys()  # a config file that failed to load raises only when first read
+        return config
+    except (AttributeError, KeyError) as e:  # an override of a key the config lacks
+        key = str(e).strip("\"'")
+        given = " ".join(a for a in rest if f".{key}=" in a or a.endswith(f".{key}"))
+        raise stages.ConfigError(f"--config: the config has no key {key!r} ({given})") from None
+    except (flags.Error, OSError, TypeError, ValueError) as e:
+        lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
+        raise stages.ConfigError(f"--config: {lines[-1]}") from None
+
+
+def training_runner(config, devices: list) -> tuple[Callable[[int], Plan], int, str]:
+    """Compiles the step at a per-GPU batch; the config's own per-GPU batch; a description."""
+    if config.model != "tiny" and not Path(config.model).is_dir():
+        print(f"note: {config.model} not found: SD3-medium's shapes")
+        config.model = "sd3-medium"
+    _, mesh = stages.make_mesh(config, devices)
+
+    def compile_at(per_gpu: int) -> Plan:
+        config.batch_size = per_gpu * mesh.size
+        return programs.training(config, devices).plan()
+
+    what = (f"{config.stage} step, {config.model}, {config.precision}, attention "
+            f"{config.attention_impl}, remat {config.remat_policy}, mesh data="
+            f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']}")
+    return compile_at, config.batch_size // mesh.size, what
+
+
+def inference_runner(args: argparse.Namespace, devices: list
+                     ) -> tuple[Callable[[int], Plan], int, str]:
+    config = cli.inference_config(args, attention_impl=args.attention or (
+        "cudnn" if args.precision != "fp32" else None))
+    if args.size % config.upscale:
+        raise stages.ConfigError(f"--size {args.size} is not a multiple of "
+                                 f"--upscale {config.upscale}")
+    model = programs.abstract_model(args.model)
+    lr = args.size // config.upscale
+
+    def compile_at(per_gpu: int) -> Plan:
+        return programs.inference(model, config, per_gpu * args.devices, (lr, lr),
+                                  devices[:args.devices]).plan()
+
+    what = f"inference {args.size}² ×{config.upscale}, {args.model}, {config.precision}"
+    return compile_at, args.batch_size // args.devices, what
+
+
+def largest_batch(compile_at: Callable[[int], Plan], plans: dict[int, Plan], budget: float
+                  ) -> int | None:
+    """The largest per-GPU batch whose peak fits ``budget``: linear in the batch through two
+    compiled batches, then checked (and stepped down) by compiling."""
+    for b in (1, 2):
+        if b not in plans:
+            plans[b] = compile_at(b)
+    slope = plans[2].peak_bytes - plans[1].peak_bytes
+    if plans[1].peak_bytes > budget:
+        return None
+    guess = MAX_BATCH if slope <= 0 else int((budget - plans[1].peak_bytes) // slope) + 1
+    guess = max(1, min(guess, MAX_BATCH))
+    while guess > 1:
+        if guess not in plans:
+            plans[guess] = compile_at(guess)
+        if plans[guess].peak_bytes <= budget:
+            return guess
+        guess -= 1
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    card = CARDS[args.gpu]
+    budget = args.mem_fraction * card.memory_bytes
+    try:
+        devices = gpu_devices(args.gpu, max(args.gpus, args.devices))
+        if args.infer:
+            if args.batch_size % args.devices:
+                raise stages.ConfigError(f"--batch-size {args.batch_size} is not a multiple of "
+                                  f"--devices {args.devices}")
+            compile_at, given, what = inference_runner(args, devices)
+        else:
+            compile_at, given, what = training_runner(training_config(rest), devices)
+        print(f"{card.description}: {card.memory_bytes / GIB:.1f} GiB, JAX takes "
+              f"{args.mem_fraction:.0%} = {budget / GIB:.1f} GiB. {what}")
+        plans = {given: compile_at(given)}
+        best = None if args.no_search else largest_batch(compile_at, plans, budget)
+    except (stages.ConfigError, NoGPUCompiler, ValueError, model_dir.ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'batch/GPU':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9}  fits")
+    for b, plan in sorted(plans.items()):
+        print(f"{b:>9} {plan.argument_bytes / GIB:>9.2f} {plan.temp_bytes / GIB:>9.2f} "
+              f"{plan.peak_bytes / GIB:>9.2f}  {'yes' if plan.peak_bytes <= budget else 'no'}")
+    fits = plans[given].peak_bytes <= budget
+    print(f"batch {given} per GPU {'fits' if fits else 'does NOT fit'} on the {args.gpu}")
+    if not args.no_search:
+        print(f"largest batch per GPU that fits: {best}" if best else
+              "not even batch 1 fits" + (": tile it (see the README's large-image flags)"
+                                         if args.infer else ""))
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
