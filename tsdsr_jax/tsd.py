@@ -138,6 +138,18 @@ def _per_sample(v: jax.Array) -> jax.Array:
     return v[:, None, None, None]
 
 
+def _interleave(*parts: jax.Array) -> jax.Array:
+    """Arrays (B, ...) as one batch (B·k, ...) with row ``i·k + j`` = ``parts[j][i]``: each
+    sample's rows stay together, so a batch split over devices needs no data moved."""
+    return jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
+
+
+def _deinterleave(x: jax.Array, k: int) -> list[jax.Array]:
+    """The ``k`` parts of a batch made by :func:`_interleave`."""
+    x = x.reshape(-1, k, *x.shape[1:])
+    return [x[:, j] for j in range(k)]
+
+
 def velocity(nets: Networks, base: PyTree, adapter: PyTree | None, x: jax.Array,
              timestep: jax.Array, prompts: Prompts) -> jax.Array:
     """The transformer's prediction ``v ≈ ε − x_0`` with one adapter (or none), float32."""
@@ -152,11 +164,9 @@ def guided_velocity(nets: Networks, base: PyTree, adapter: PyTree | None, x: jax
                     timestep: jax.Array, cond: Prompts, null: Prompts, scale: float
                     ) -> jax.Array:
     """Classifier-free guidance in one batched call: ``v_∅ + s (v_c − v_∅)``."""
-    both = Prompts(jnp.concatenate([null.embeds, cond.embeds]),
-                   jnp.concatenate([null.pooled, cond.pooled]))
-    v = velocity(nets, base, adapter, jnp.concatenate([x, x]),
-                 jnp.concatenate([timestep, timestep]), both)
-    v_null, v_cond = jnp.split(v, 2)
+    both = Prompts(_interleave(null.embeds, cond.embeds), _interleave(null.pooled, cond.pooled))
+    v = velocity(nets, base, adapter, _interleave(x, x), _interleave(timestep, timestep), both)
+    v_null, v_cond = _deinterleave(v, 2)
     return v_null + scale * (v_cond - v_null)
 
 
@@ -196,14 +206,13 @@ def tsd_gradient(nets: Networks, base: PyTree, adapters: Adapters, z_hat: jax.Ar
         x_hat, x, grad_vsd, grad_tsm = carry
         s_cur, s_next = _per_sample(sigmas[:, k]), _per_sample(sigmas[:, k + 1])
         t = timesteps[:, k]
-        b = x.shape[0]
-        pair = Prompts(jnp.concatenate([prompts.embeds] * 2),
-                       jnp.concatenate([prompts.pooled] * 2))
-        pair_null = Prompts(jnp.concatenate([null.embeds] * 2), jnp.concatenate([null.pooled] * 2))
-        v_teacher = guided_velocity(nets, transformer, adapters.teacher,
-                                    jnp.concatenate([x_hat, x]), jnp.concatenate([t, t]),
-                                    pair, pair_null, config.guidance_scale)
-        v_tea_hat, v_tea = v_teacher[:b], v_teacher[b:]
+        pair = Prompts(_interleave(prompts.embeds, prompts.embeds),
+                       _interleave(prompts.pooled, prompts.pooled))
+        pair_null = Prompts(_interleave(null.embeds, null.embeds),
+                            _interleave(null.pooled, null.pooled))
+        v_teacher = guided_velocity(nets, transformer, adapters.teacher, _interleave(x_hat, x),
+                                    _interleave(t, t), pair, pair_null, config.guidance_scale)
+        v_tea_hat, v_tea = _deinterleave(v_teacher, 2)
         v_fake = guided_velocity(nets, transformer, adapters.fake_score, x_hat, t, prompts,
                                  null, config.guidance_scale)
         weight = jnp.asarray(config.dasm_weights, jnp.float32)[k]

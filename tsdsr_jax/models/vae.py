@@ -242,6 +242,11 @@ class ResnetStack(nn.Module):
         return x
 
 
+# (batch, height, width, channels) activations: split like the batch where a mesh and rules are
+# active (tsdsr_jax/sharding.py), untouched otherwise
+_IMAGES = ("activation_batch", None, None, None)
+
+
 def _blocks(config: VAEConfig) -> tuple[type[nn.Module], type[nn.Module]]:
     """The ``ResnetStack`` and ``MidBlock`` classes, rematerialised as the config says."""
     if config.remat_policy is None:
@@ -265,6 +270,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(channels):
             x = stack(c, cfg.layers_per_block, cfg.norm_num_groups,
                       "down" if i < len(channels) - 1 else None, dtype, name=f"down_blocks.{i}")(x)
+            x = nn.with_logical_constraint(x, _IMAGES)
         x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
         return Conv(2 * cfg.latent_channels, padding=1, dtype=dtype, name="conv_out")(x)
@@ -285,6 +291,7 @@ class Decoder(nn.Module):
         for i, c in enumerate(channels):
             x = stack(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
                       "up" if i < len(channels) - 1 else None, dtype, name=f"up_blocks.{i}")(x)
+            x = nn.with_logical_constraint(x, _IMAGES)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
         return Conv(cfg.out_channels, padding=1, dtype=dtype, name="conv_out")(x)
 
