@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tsdsr_jax import model_dir, sharding, stages
 from tsdsr_jax.adapters import STUDENT_TARGETS
-from tsdsr_jax.checkpoint import Checkpoints
+from tsdsr_jax.checkpoint import CheckpointError, Checkpoints
 from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.images import save_png
 from tsdsr_jax.models import lora
@@ -232,7 +232,7 @@ def main(argv: list[str]) -> None:
     initialize_distributed()
     try:
         train(_CONFIG.value)
-    except (ConfigError, model_dir.ModelDirError, DataError) as e:
+    except (ConfigError, model_dir.ModelDirError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

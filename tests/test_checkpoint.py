@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from tsdsr_jax import trainer
-from tsdsr_jax.checkpoint import Checkpoints
+from tsdsr_jax.checkpoint import CheckpointError, Checkpoints
 
 
 def make_state(seed: int) -> trainer.TrainState:
@@ -52,3 +53,24 @@ def test_round_trip_keep_last_and_cut_off_write(tmp_path):
     assert data == {"epoch": 0, "position": 6}
     state, _ = reopened.restore(make_state(0), step=2)
     assert_same(state, make_state(2))
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_readable(tmp_path, capsys):
+    checkpoints = Checkpoints(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        checkpoints.save(step, make_state(step), {"position": step})
+    checkpoints.close()
+    manifest = tmp_path / "3" / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:20])           # truncated
+    (tmp_path / "2" / "data" / "metadata").unlink()           # deleted
+    reopened = Checkpoints(tmp_path, keep=3)
+    state, data = reopened.restore(make_state(0))
+    assert_same(state, make_state(1))
+    assert data == {"position": 1}
+    err = capsys.readouterr().err
+    assert "step 3 cannot be read" in err and "manifest.ocdbt" in err
+    assert "step 2 cannot be read" in err and "metadata" in err
+    assert "restoring step 1 instead" in err
+    (tmp_path / "1" / "data" / "metadata").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint can be read.*step 1"):
+        reopened.restore(make_state(0))
