@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tsdsr_jax import model_dir
-from tsdsr_jax.images import ImageError, list_images, load_image, save_png
+from tsdsr_jax.images import ImageError, list_images, load_image, output_names, save_png
 from tsdsr_jax.cli import add_network_flags, inference_config
 from tsdsr_jax.pipeline import Pipeline
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
@@ -75,16 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = 0
     by_size: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = defaultdict(list)
-    outputs: set[Path] = set()
+    names = output_names(paths)
     for path in paths:
-        out = args.output / f"{path.stem}.png"
-        if out.resolve() == path.resolve() or out in outputs:
-            print(f"error: {path}: its output {out} would overwrite "
-                  f"{'the input' if out.resolve() == path.resolve() else 'another output'}; "
-                  "skipped", file=sys.stderr)
+        out = args.output / names[path]
+        if out.resolve() == path.resolve():
+            print(f"error: {path}: its output {out} would overwrite the input; skipped",
+                  file=sys.stderr)
             failed += 1
             continue
-        outputs.add(out)
         try:
             image = load_image(path)
         except ImageError as e:
@@ -104,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                 sr = pipe.super_resolve(np.stack(batch), sub)
                 per_image = (time.perf_counter() - tic) / len(chunk)
                 for (path, lr), out in zip(chunk, sr):
-                    save_png(out, args.output / f"{path.stem}.png")
+                    save_png(out, args.output / names[path])
                     if args.compare:
                         up = np.kron(lr, np.ones((args.upscale, args.upscale, 1), np.uint8))
                         save_png(np.concatenate([up, out], axis=1),
-                                 args.output / "compare" / f"{path.stem}.png")
+                                 args.output / "compare" / names[path])
                 bar.set_postfix_str(f"{per_image * 1000:.0f} ms/img")
                 bar.update(len(chunk))
     print(f"wrote {len(paths) - failed} image(s) to {args.output}"

@@ -134,3 +134,16 @@ def test_tiles_a_few_at_a_time(tmp_path):
                     "--vae-encoder-tile", "128", "--vae-decoder-tile", "16",
                     "--vae-max-tiles", "2") == 0
     assert read("vae").shape == read("all").shape == (512, 512, 3)
+
+
+def test_same_named_photos_both_get_outputs(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(DATA / "chelsea.jpg", inputs / "photo.jpg")
+    Image.open(DATA / "camera.png").save(inputs / "photo.png")
+    shutil.copy(DATA / "rocket.jpg", inputs / "photo_jpg.jpg")  # the first's new name, taken
+    assert run_tiny(inputs, tmp_path / "out", "--compare") == 0
+    sizes = {p.name: Image.open(p).size for p in (tmp_path / "out").glob("*.png")}
+    assert sizes == {"photo_jpg.png": (452, 300), "photo_png.png": (384, 384),
+                     "photo_jpg_2.png": (284, 428)}
+    assert len(list((tmp_path / "out" / "compare").glob("*.png"))) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,22 @@ def list_images(source: Path, exclude: Path | None = None) -> list[Path]:
     return sorted(p for p in source.iterdir()
                   if p.is_file() and p.suffix.lower() in EXTENSIONS
                   and not (excluded and excluded in p.resolve().parents))
+
+
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """Each input's output file name, ``<stem>.png``; inputs that share a stem (``photo.png``,
+    ``photo.jpg``) get ``<stem>_<extension>.png``, and a counter where even that repeats."""
+    stems = Counter(p.stem for p in paths)
+    names, taken = {}, set()
+    for path in paths:
+        name = path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.')}"
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}_{n}"
+        taken.add(unique)
+        names[path] = unique + ".png"
+    return names
 
 
 def load_image(path: Path) -> np.ndarray:
