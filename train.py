@@ -162,6 +162,7 @@ class Logger:
 
 
 def train(config: ml_collections.ConfigDict) -> None:
+    stages.check_stage(config)
     workdir = Path(config.workdir)
     shard_config, mesh = stages.make_mesh(config)
     if jax.process_index() == 0:

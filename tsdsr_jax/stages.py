@@ -140,10 +140,14 @@ def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, net
     return Stage(state, step, validate, ("loss",))
 
 
-def make_stage(config: ml_collections.ConfigDict, model: model_dir.Model) -> Stage:
-    """The configured stage (``config.stage``) on ``model``, from ``config.seed``."""
+def check_stage(config: ml_collections.ConfigDict) -> None:
     if config.stage not in ("tsd", "teacher"):
         raise ConfigError(f"stage={config.stage!r}: 'tsd' or 'teacher'")
+
+
+def make_stage(config: ml_collections.ConfigDict, model: model_dir.Model) -> Stage:
+    """The configured stage (``config.stage``) on ``model``, from ``config.seed``."""
+    check_stage(config)
     build = tsd_stage if config.stage == "tsd" else teacher_stage
     return build(config, model, networks(model, config), jax.random.PRNGKey(config.seed))
 

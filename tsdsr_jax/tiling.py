@@ -265,18 +265,13 @@ def _tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, plan: _Plan, scal
     return plan.stitch(out, scale_out)
 
 
-def _factor(vae: AutoencoderKL) -> int:
-    """Image pixels per latent pixel."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def tiled_encode(vae: AutoencoderKL, variables: PyTree, x: jax.Array, tile: int = 1024,
                  halo: int = 32, max_tiles: int | None = None) -> tuple[jax.Array, jax.Array]:
     """``vae.encode(x)``, the posterior's ``(mean, logvar)``, of images (B, H, W, C) tiled as
     vaehook does with tile size ``tile`` and pad ``halo`` (the official defaults, in pixels,
     rounded up to whole latent pixels): windows of at most ``tile + 2·halo`` pixels. H and W
     must be multiples of the VAE's factor. Untiled when one window covers the image."""
-    f = _factor(vae)
+    f = vae.config.downscale_factor
     _, h, w, _ = x.shape
     if h % f or w % f:
         raise ValueError(f"image size {h}x{w} is not a multiple of {f}")
@@ -297,4 +292,4 @@ def tiled_decode(vae: AutoencoderKL, variables: PyTree, z: jax.Array, tile: int 
     decode = lambda a: vae.apply(variables, a, method="decode")
     if plan.single:
         return decode(z)
-    return _tiled(decode, z, plan, 1, _factor(vae), max_tiles)
+    return _tiled(decode, z, plan, 1, vae.config.downscale_factor, max_tiles)

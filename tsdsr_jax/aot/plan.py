@@ -79,15 +79,13 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "partition-id", "replica-id", "copy-done", "all-gather-done", "all-reduce-done",
          "collective-permute-done", "async-done", "send-done", "recv-done", "opt-barrier"}
 _COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_ELEMENT_BYTES = {"pred": 1, "bf16": 2}
-
-
 def _arrays(text: str) -> list[tuple[str, list[int]]]:
     return [(dt, [int(d) for d in dims.split(",") if d]) for dt, dims in _ARRAY.findall(text)]
 
 
 def _bytes(dtype: str, dims: list[int]) -> int:
-    size = _ELEMENT_BYTES.get(dtype) or max(int(re.sub(r"\D", "", dtype) or 8) // 8, 1)
+    bits = re.match(r"[a-z]+(\d+)", dtype)  # s32, bf16, f8e4m3fn; pred is a byte
+    size = max(int(bits.group(1)) // 8, 1) if bits else 1
     return size * math.prod(dims)
 
 
