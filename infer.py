@@ -19,15 +19,15 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from tsdsr_jax import model_dir
+from tsdsr_jax import cli, model_dir
 from tsdsr_jax.images import ImageError, list_images, load_image, output_names, save_png
-from tsdsr_jax.cli import add_network_flags, inference_config
+from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.pipeline import Pipeline
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
                    help="model directory from `python -m convert`, or 'tiny' (random weights)")
     p.add_argument("-i", "--input", type=Path, required=True, help="an image or a folder")
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae", choices=["sample", "mean"], default="sample",
                    help="posterior sample (official) or its mean (deterministic)")
     p.add_argument("--seed", type=int, default=42)
-    add_network_flags(p)
+    cli.add_network_flags(p)
     p.add_argument("--compare", action="store_true",
                    help="also write OUTDIR/compare/NAME.png: LR (nearest) | SR")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tsdsr_jax",
@@ -54,21 +54,26 @@ def load_model(name: str) -> model_dir.Model:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    jax.config.update("jax_compilation_cache_dir", str(args.cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if args.input.is_dir() and args.output.resolve() == args.input.resolve():
-        print(f"error: {args.output}: write the outputs to another folder than the inputs",
-              file=sys.stderr)
-        return 2
     try:
-        config = inference_config(args, color_fix=args.color_fix, vae_posterior=args.vae)
-        if args.batch_size % args.devices:
-            raise ValueError(f"--batch-size {args.batch_size} is not a multiple of "
-                             f"--devices {args.devices}")
+        config = cli.inference_config(args, color_fix=args.color_fix, vae_posterior=args.vae)
+        if not 0 <= args.seed < 2 ** 32:
+            raise ValueError(f"--seed {args.seed}: must be >= 0 and < 2**32")
+        if args.input.is_dir() and args.output.resolve() == args.input.resolve():
+            raise ValueError(f"{args.output}: write the outputs to another folder than the inputs")
+        if args.output.exists() and not args.output.is_dir():
+            raise ValueError(f"-o {args.output}: not a folder")
+        if args.devices > len(jax.local_devices()):
+            raise ValueError(f"--devices {args.devices}: this host has "
+                             f"{len(jax.local_devices())}")
+        if not runnable_here(config.attention_impl):
+            raise ValueError(f"--attention cudnn: needs a GPU (jax runs on "
+                             f"{jax.default_backend()} here); use --attention xla")
+        paths = list_images(args.input, exclude=args.output)
         mesh = None
         if args.devices > 1:
             mesh = make_mesh(ShardingConfig(data=args.devices), jax.local_devices()[:args.devices])
-        paths = list_images(args.input, exclude=args.output)
+        jax.config.update("jax_compilation_cache_dir", str(args.cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         pipe = Pipeline(load_model(args.model), config, mesh)
     except (ImageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,10 +4,15 @@ Two stages share this script: ``tsd`` (the one-step student, configs/tsd.py) and
 (the teacher LoRA on SD3's flow-matching loss, configs/teacher.py). Sections: model and frozen
 base → data → state (new or resumed) → the loop (logs, validation images, checkpoints). The
 stages themselves (state, step, validation) are tsdsr_jax/stages.py; only LoRA adapters train.
+
+Exit codes: 0 done; 2 a bad flag, config value, model, dataset or checkpoint (one line, before
+anything compiles); 75 preempted (SIGTERM or Ctrl-C: the step it was on is checkpointed, and the
+same command resumes it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -18,26 +23,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from tsdsr_jax import model_dir, sharding, stages
+from tsdsr_jax import cli, model_dir, sharding, stages, train_config
 from tsdsr_jax.adapters import STUDENT_TARGETS
 from tsdsr_jax.checkpoint import CheckpointError, Checkpoints
 from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.images import save_png
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
+from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.pipeline import to_uint8
-from tsdsr_jax.stages import ConfigError
+from tsdsr_jax.preemption import EXIT_CODE as PREEMPTED
+from tsdsr_jax.preemption import Preemption
+from tsdsr_jax.train_config import ConfigError
 from tsdsr_jax.tree import flatten, nest
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-FLAGS = flags.FLAGS
-flags.DEFINE_string("coordinator", None, "multi-process runs: host:port of process 0")
-flags.DEFINE_integer("num_processes", None, "multi-process runs: how many processes")
-flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index")
 
 
 # --------------------------------------------------------------------------- model
@@ -161,8 +161,13 @@ class Logger:
 # --------------------------------------------------------------------------- main
 
 
-def train(config: ml_collections.ConfigDict) -> None:
-    stages.check_stage(config)
+def train(config: ml_collections.ConfigDict) -> int | None:
+    """Runs (or resumes) the configured stage to ``config.total_steps``; on SIGTERM or SIGINT
+    it checkpoints the step it is on and returns that step."""
+    train_config.check(config)
+    if not runnable_here(config.attention_impl):
+        raise ConfigError(f"config.attention_impl='cudnn': needs a GPU (jax runs on "
+                          f"{jax.default_backend()} here); use --config.attention_impl=xla")
     workdir = Path(config.workdir)
     shard_config, mesh = stages.make_mesh(config)
     if jax.process_index() == 0:
@@ -190,8 +195,9 @@ def train(config: ml_collections.ConfigDict) -> None:
     logger = Logger(workdir)
     start = int(state.step)
     first = jax.process_index() == 0
-    with sharding.activate(mesh), tqdm(total=config.total_steps, initial=start, unit="step",
-                                       disable=not first) as bar:
+    preempted = None
+    with Preemption() as preemption, sharding.activate(mesh), tqdm(
+            total=config.total_steps, initial=start, unit="step", disable=not first) as bar:
         for step in range(start + 1, config.total_steps + 1):
             batch = sharding.global_batch(next(batches), mesh)
             tic = time.perf_counter()
@@ -205,38 +211,75 @@ def train(config: ml_collections.ConfigDict) -> None:
                 image = np.asarray(validate(state, frozen, batch))
                 if first:
                     save_png(to_uint8(image), workdir / "validation" / f"step_{step:07d}.png")
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
+            stop = preemption.reached(step)
+            if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
                 checkpoints.save(step, state, batches.get_state())
             bar.update(1)
+            if stop:
+                preempted = step
+                break
     checkpoints.close()
+    return preempted
 
 
 # --------------------------------------------------------------------------- processes
 
 
-def initialize_distributed() -> None:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """The multi-process flags, and the config with its overrides; all checked."""
+    p = cli.ArgumentParser(prog="python train.py", allow_abbrev=False,
+                           description="--config FILE [--config.key=value ...]: see the README")
+    p.add_argument("--coordinator", help="multi-process runs: host:port of process 0")
+    p.add_argument("--num_processes", type=int, help="multi-process runs: how many processes")
+    p.add_argument("--process_id", type=int, help="multi-process runs: this process's index")
+    args, rest = p.parse_known_args(argv)
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in given) and None in given:
+        p.error("--coordinator, --num_processes and --process_id go together")
+    if args.coordinator:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            p.error(f"--coordinator {args.coordinator}: must be host:port")
+        if args.num_processes < 1:
+            p.error(f"--num_processes {args.num_processes}: must be at least 1")
+        if not 0 <= args.process_id < args.num_processes:
+            p.error(f"--process_id {args.process_id}: must be >= 0 and < --num_processes "
+                    f"{args.num_processes}")
+    return args, train_config.read(rest)
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
     """Joins a multi-process run: from ``--coordinator`` etc., or from SLURM's environment."""
-    if not FLAGS.coordinator and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    if not args.coordinator and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
     try:  # collectives between CPU processes (tests, CPU-only runs) go through gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except AttributeError:  # a jax without the option (gloo by default)
         pass
-    if FLAGS.coordinator:
-        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     else:
         jax.distributed.initialize()
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    initialize_distributed()
+def main(argv: list[str] | None = None) -> int:
     try:
-        train(_CONFIG.value)
+        args, config = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    initialize_distributed(args)
+    try:
+        preempted = train(config)
     except (ConfigError, model_dir.ModelDirError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    if preempted is not None:
+        print(f"stopped at step {preempted}, checkpointed: run the same command to resume",
+              file=sys.stderr)
+        return PREEMPTED
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

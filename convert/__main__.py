@@ -24,14 +24,14 @@ from convert.layout import ConversionError, OutputFile
 from convert.lora import plan_adapter
 from convert.lpips import plan_lpips
 from convert.sd3 import plan_weights, read_network
-from tsdsr_jax import model_dir
+from tsdsr_jax import cli, model_dir
 from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
     p.add_argument("--sd3", type=Path, required=True,
                    help="diffusers SD3 folder (with transformer/ and vae/)")
     p.add_argument("--lora", type=Path,

@@ -11,7 +11,6 @@ and torch layouts, in float32, so that the official PyTorch scripts load them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,8 +19,8 @@ import numpy as np
 
 from convert.layout import OutputFile, to_torch, torch_name, torch_shape
 from convert.lora import PREFIX
-from tsdsr_jax import model_dir
-from tsdsr_jax.checkpoint import Checkpoints
+from tsdsr_jax import cli, model_dir
+from tsdsr_jax.checkpoint import CheckpointError, Checkpoints
 from tsdsr_jax.safetensors_io import SafeTensors
 from tsdsr_jax.tree import flatten
 
@@ -54,23 +53,29 @@ def checkpoint_adapters(path: Path, step: int | None) -> dict[str, Mapping[str, 
         checkpoints.close()
     if "teacher" in state:
         return {"teacher": flatten(state["teacher"])}
+    if not {"student", "fake_score"} <= set(state):
+        raise CheckpointError(f"{path}: not the checkpoints of a train.py run")
     student, student_vae = state["student"]
     return {"student": flatten(student), "student_vae": flatten(student_vae),
             "fake_score": flatten(state["fake_score"])}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert.export", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m convert.export", description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="model directory")
     source.add_argument("--checkpoint", type=Path, help="a training run's checkpoints folder")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--out", type=Path, required=True, help="folder for the official LoRA files")
     args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out}: not a folder")
+    if args.step is not None and args.step < 0:
+        p.error(f"--step {args.step}: must be >= 0")
     try:
         adapters = (model_adapters(args.model) if args.model
                     else checkpoint_adapters(args.checkpoint, args.step))
-    except (model_dir.ModelDirError, FileNotFoundError) as e:
+    except (model_dir.ModelDirError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not adapters:

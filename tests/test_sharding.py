@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -18,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from tsdsr_jax import sharding
 from tsdsr_jax.checkpoint import Checkpoints
+from tsdsr_jax.preemption import EXIT_CODE
 
 ROOT = Path(__file__).parents[1]
 
@@ -109,12 +112,19 @@ def two_processes(workdir: Path, total_steps: int) -> list[Run]:
                   workdir.parent / f"{workdir.name}-{total_steps}-{k}.log") for k in range(2)]
 
 
-def wait(runs: list[Run]) -> list[str]:
-    """Each process's output, once all have exited 0."""
+def wait(runs: list[Run], code: int = 0) -> list[str]:
+    """Each process's output, once all have exited with ``code``."""
     for proc, log in runs:
         proc.wait(timeout=900)
-        assert proc.returncode == 0, log.read_text()[-3000:]
+        assert proc.returncode == code, log.read_text()[-3000:]
     return [log.read_text() for _, log in runs]
+
+
+def logged_steps(workdir: Path) -> int:
+    try:
+        return len((workdir / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def run_state(workdir: Path):
@@ -125,23 +135,33 @@ def run_state(workdir: Path):
 
 
 def test_two_processes_train_like_one(tmp_path):
-    """configs/tiny.py for four steps: two processes (one CPU device each, one data shard each)
-    against one process with two devices reading both shards. The two processes stop after
-    three steps, saving one checkpoint together, and two new ones resume it for the fourth."""
-    one = start(train_command(tmp_path / "one", 4), cpu_env(2), tmp_path / "one.log")
-    wait(two_processes(tmp_path / "two", 3))
-    assert run_state(tmp_path / "two")["step"] == 3
-    assert all("resumed from step 3" in out for out in wait(two_processes(tmp_path / "two", 4)))
+    """configs/tiny.py for 30 steps: two processes (one CPU device each, one data shard each)
+    against one process with two devices reading both shards. The two processes are preempted
+    together (SIGTERM, as SLURM does) a few steps in: they agree on a step, checkpoint it
+    together and exit 75; two new ones, the same command, resume it to the end."""
+    total = 30
+    one = start(train_command(tmp_path / "one", total), cpu_env(2), tmp_path / "one.log")
+    first = two_processes(tmp_path / "two", total)
+    while logged_steps(tmp_path / "two") < 2:
+        assert all(proc.poll() is None for proc, _ in first), first[0][1].read_text()[-3000:]
+        time.sleep(0.05)
+    for proc, _ in first:
+        proc.send_signal(signal.SIGTERM)
+    wait(first, code=EXIT_CODE)
+    stopped = int(run_state(tmp_path / "two")["step"])
+    assert 2 <= stopped < total and logged_steps(tmp_path / "two") == stopped
+    assert all(f"resumed from step {stopped}" in out
+               for out in wait(two_processes(tmp_path / "two", total)))
     wait([one])
     metrics = {name: [json.loads(line) for line in
                       (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in ("one", "two")}
-    assert [m["step"] for m in metrics["two"]] == [1, 2, 3, 4]  # process 0 alone writes the log
+    assert [m["step"] for m in metrics["two"]] == list(range(1, total + 1))  # process 0 alone
     for a, b in zip(metrics["two"], metrics["one"], strict=True):
         for key in ("loss", "reg_loss", "tsd_loss", "data_loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1e-3), (key, a, b)
     want, got = run_state(tmp_path / "one"), run_state(tmp_path / "two")
-    assert got["step"] == want["step"] == 4
+    assert got["step"] == want["step"] == total
     for x, y in zip(jax.tree_util.tree_leaves((got["student"], got["fake_score"])),
                     jax.tree_util.tree_leaves((want["student"], want["fake_score"]))):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * max(np.abs(y).max(), 1e-3))

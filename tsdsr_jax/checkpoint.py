@@ -3,13 +3,19 @@
 Orbax writes each step into a temporary folder and renames it when complete, so a checkpoint
 cut off mid-write is never taken for the latest; ``keep`` bounds how many stay on disk. A
 finalized step that cannot be read (a truncated or deleted file, as a failing disk or a full
-quota leaves it) is named and skipped for the newest older one that can.
+quota leaves it) is named and skipped for the newest older one that can. Each step also gets
+the list of its files with their sizes and CRC-32s (:data:`FILE_LIST`), so that a damaged
+file is found, and named, before orbax reads anything.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import zlib
+from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,10 +23,48 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+FILE_LIST = "tsdsr_files.json"  # in each step's folder: {relative path: [bytes, CRC-32]}
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a folder can be read."""
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_file_list(folder: Path) -> None:
+    """Records every file under ``folder`` with its size and CRC-32 (written, then renamed)."""
+    files = {p.relative_to(folder).as_posix(): [p.stat().st_size, _crc32(p)]
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FILE_LIST}
+    tmp = folder / f".{FILE_LIST}.partial"
+    tmp.write_text(json.dumps(files, indent=0))
+    os.replace(tmp, folder / FILE_LIST)
+
+
+def damaged_file(folder: Path) -> str | None:
+    """The first file of ``folder`` that is not as :func:`write_file_list` recorded it (None
+    when all are, or when nothing was recorded)."""
+    try:
+        files = json.loads((folder / FILE_LIST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"{folder / FILE_LIST} cannot be read ({e})"
+    for name, (size, crc) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written"
+        if _crc32(path) != crc:
+            return f"{path} is damaged (its CRC-32 differs from the one written)"
+    return None
 
 
 def _reason(error: Exception) -> str:
@@ -47,19 +91,57 @@ class Checkpoints:
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {})))
         self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_file_list(self._folder(step))
+
+    def _folder(self, step: int) -> Path:
+        return Path(self.manager.directory) / str(step)
 
     def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
         """The state (shaped, typed and sharded like ``like``) and the data position of
         ``step``, or of the newest step that can be read."""
-        steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        restored = self._first_readable(step, lambda s: self.manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                       data=ocp.args.JsonRestore())))
+        return restored.state, restored.data
+
+    def restore_raw(self, step: int | None = None) -> dict:
+        """The saved state as plain nested dicts and lists of numpy arrays: no template, on any
+        number of devices (whatever mesh saved it); ``step`` or the newest readable one."""
+        manager = ocp.CheckpointManager(self.manager.directory, item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(create=False))
+
+        def read(candidate: int) -> dict:
+            saved = manager.item_metadata(candidate)["state"].tree
+            as_numpy = jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+            return manager.restore(candidate, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(restore_args=as_numpy))).state
+
+        try:
+            return self._first_readable(step, read)
+        finally:
+            manager.close()
+
+    def _first_readable(self, step: int | None, read: Callable[[int], Any]) -> Any:
+        """``read(step)``, or without a step ``read`` of the newest step that can be read;
+        each step that cannot is named on stderr."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"{self.manager.directory}: no checkpoint")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"{self.manager.directory}: no checkpoint of step {step} "
+                                      f"(steps: {', '.join(map(str, sorted(steps)))})")
+            steps = [step]
         failures = []
         for candidate in steps:
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+                if damage := damaged_file(self._folder(candidate)):
+                    raise CheckpointError(damage)
+                result = read(candidate)
             except Exception as e:  # a damaged step fails in whichever reader meets it
                 failures.append(f"step {candidate}: {_reason(e)}")
                 print(f"warning: {self.manager.directory}: checkpoint step {candidate} cannot "
@@ -67,23 +149,9 @@ class Checkpoints:
                 continue
             if failures:
                 print(f"warning: restoring step {candidate} instead", file=sys.stderr)
-            return restored.state, restored.data
+            return result
         raise CheckpointError(f"{self.manager.directory}: no checkpoint can be read ("
                               + "; ".join(failures) + ")")
-
-    def restore_raw(self, step: int | None = None) -> dict:
-        """The saved state as plain nested dicts and lists of numpy arrays: no template, on any
-        number of devices (whatever mesh saved it)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{self.manager.directory}: no checkpoint")
-        saved = ocp.PyTreeCheckpointer().metadata(
-            os.path.join(self.manager.directory, str(step), "state")).item_metadata.tree
-        as_numpy = jax.tree_util.tree_map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(restore_args=as_numpy)))
-        return restored.state
 
     def close(self) -> None:
         self.manager.close()

@@ -4,8 +4,17 @@ fit check), and the :class:`~tsdsr_jax.pipeline.InferenceConfig` they give."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tsdsr_jax.pipeline import PRECISIONS, InferenceConfig
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (no usage block) and exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def add_network_flags(p: argparse.ArgumentParser) -> None:
@@ -31,11 +40,26 @@ def add_network_flags(p: argparse.ArgumentParser) -> None:
                    help="attention kernel (default: cuDNN on a GPU in bf16/fp16, else XLA)")
 
 
+# InferenceConfig fields whose flag is not the field's name
+FLAG_NAMES = {"attention_impl": "attention", "vae_posterior": "vae"}
+
+
 def inference_config(args: argparse.Namespace, **overrides) -> InferenceConfig:
-    """The config of :func:`add_network_flags`' flags (plus ``overrides``)."""
-    return InferenceConfig(**{
-        "upscale": args.upscale, "process_size": args.process_size, "precision": args.precision,
-        "latent_tile": args.latent_tile, "latent_overlap": args.latent_overlap,
-        "vae_encoder_tile": args.vae_encoder_tile, "vae_decoder_tile": args.vae_decoder_tile,
-        "latent_max_tiles": args.latent_max_tiles, "vae_max_tiles": args.vae_max_tiles,
-        "attention_impl": args.attention, **overrides})
+    """The config of :func:`add_network_flags`' flags (plus ``overrides``), with the batch and
+    devices flags checked; a ``ValueError`` names the flag."""
+    if args.devices < 1 or args.batch_size < 1:
+        name = "--devices" if args.devices < 1 else "--batch-size"
+        raise ValueError(f"{name} {min(args.devices, args.batch_size)}: must be at least 1")
+    if args.batch_size % args.devices:
+        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of "
+                         f"--devices {args.devices}")
+    try:
+        return InferenceConfig(**{
+            "upscale": args.upscale, "process_size": args.process_size,
+            "precision": args.precision, "latent_tile": args.latent_tile,
+            "latent_overlap": args.latent_overlap, "vae_encoder_tile": args.vae_encoder_tile,
+            "vae_decoder_tile": args.vae_decoder_tile, "latent_max_tiles": args.latent_max_tiles,
+            "vae_max_tiles": args.vae_max_tiles, "attention_impl": args.attention, **overrides})
+    except ValueError as e:  # "field=value: why" -> "--flag value: why"
+        field, _, rest = str(e).partition("=")
+        raise ValueError(f"--{FLAG_NAMES.get(field, field).replace('_', '-')} {rest}") from None

@@ -25,7 +25,7 @@ import numpy as np
 
 from convert.layout import ConversionError
 from convert.lpips import plan_lpips
-from tsdsr_jax import metrics, model_dir
+from tsdsr_jax import cli, metrics, model_dir
 from tsdsr_jax.images import ImageError, list_images, load_image
 from tsdsr_jax.models.lpips import lpips
 from tsdsr_jax.tree import nest
@@ -173,8 +173,8 @@ def write_report(out: Path, names: list[str], rows: list[dict[str, float]], tabl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tsdsr_jax.evaluate",
-                                description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m tsdsr_jax.evaluate",
+                           description=__doc__.split("\n")[0])
     p.add_argument("--sr", type=Path, required=True, help="folder of super-resolved images")
     p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")
     p.add_argument("--out", type=Path, help="folder for metrics.csv and summary.md")

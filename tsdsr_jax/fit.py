@@ -24,20 +24,18 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tsdsr_jax import cli, model_dir, stages  # noqa: E402
+from tsdsr_jax import cli, model_dir, stages, train_config  # noqa: E402
 from tsdsr_jax.aot import programs  # noqa: E402
 from tsdsr_jax.aot.cards import CARDS, GIB  # noqa: E402
 from tsdsr_jax.aot.plan import NoGPUCompiler, Plan, gpu_devices  # noqa: E402
+from tsdsr_jax.train_config import ConfigError  # noqa: E402
 
 MAX_BATCH = 4096
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m tsdsr_jax.fit",
-                                description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m tsdsr_jax.fit",
+                           description=__doc__.split("\n")[0])
     p.add_argument("--gpu", required=True, choices=sorted(CARDS))
     p.add_argument("--gpus", type=int, default=1, help="GPUs on one host (training's mesh)")
     p.add_argument("--mem-fraction", type=float,
@@ -52,7 +50,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, rest = p.parse_known_args(argv)
     if not 0 < args.mem_fraction <= 1:
         p.error(f"--mem-fraction {args.mem_fraction}: between 0 and 1")
-    for name in ("gpus", "size", "batch_size", "upscale"):
+    for name in ("gpus", "size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.infer and rest:
@@ -60,25 +58,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not args.infer and not any(a.startswith("--config") for a in rest):
         p.error("give --config FILE (training) or --infer")
     return args, rest
-
-
-def training_config(rest: list[str]):
-    """``--config FILE`` and its ``--config.key=value`` overrides, as train.py reads them."""
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", flag_values=values,
-                                    lock_config=True)
-    try:
-        values(["fit", *rest])
-        config = values.config
-        config.keys()  # a config file that failed to load raises only when first read
-        return config
-    except (AttributeError, KeyError) as e:  # an override of a key the config lacks
-        key = str(e).strip("\"'")
-        given = " ".join(a for a in rest if f".{key}=" in a or a.endswith(f".{key}"))
-        raise stages.ConfigError(f"--config: the config has no key {key!r} ({given})") from None
-    except (flags.Error, OSError, TypeError, ValueError) as e:
-        lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
-        raise stages.ConfigError(f"--config: {lines[-1]}") from None
 
 
 def training_runner(config, devices: list) -> tuple[Callable[[int], Plan], int, str]:
@@ -103,7 +82,7 @@ def inference_runner(args: argparse.Namespace, devices: list
     config = cli.inference_config(args, attention_impl=args.attention or (
         "cudnn" if args.precision != "fp32" else None))
     if args.size % config.upscale:
-        raise stages.ConfigError(f"--size {args.size} is not a multiple of "
+        raise ConfigError(f"--size {args.size} is not a multiple of "
                                  f"--upscale {config.upscale}")
     model = programs.abstract_model(args.model)
     lr = args.size // config.upscale
@@ -144,17 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         devices = gpu_devices(args.gpu, max(args.gpus, args.devices))
         if args.infer:
-            if args.batch_size % args.devices:
-                raise stages.ConfigError(f"--batch-size {args.batch_size} is not a multiple of "
-                                  f"--devices {args.devices}")
             compile_at, given, what = inference_runner(args, devices)
         else:
-            compile_at, given, what = training_runner(training_config(rest), devices)
+            compile_at, given, what = training_runner(train_config.read(rest), devices)
         print(f"{card.description}: {card.memory_bytes / GIB:.1f} GiB, JAX takes "
               f"{args.mem_fraction:.0%} = {budget / GIB:.1f} GiB. {what}")
         plans = {given: compile_at(given)}
         best = None if args.no_search else largest_batch(compile_at, plans, budget)
-    except (stages.ConfigError, NoGPUCompiler, ValueError, model_dir.ModelDirError) as e:
+    except (ConfigError, NoGPUCompiler, ValueError, model_dir.ModelDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{'batch/GPU':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9}  fits")

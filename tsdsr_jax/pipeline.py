@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from tsdsr_jax import colorfix, sharding, tiling
+from tsdsr_jax.checks import in_range, one_of
 from tsdsr_jax.model_dir import Model
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import MMDiT
@@ -33,6 +34,10 @@ from tsdsr_jax.resize import resize_bicubic
 PRECISIONS = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 TIMESTEP = 1000.0  # the student's single step: σ = 1
 MULTIPLE = 16      # VAE factor 8 × patch size 2
+PATCH_SIZE = 2     # the transformer's latent patch: latent tiles are multiples of it
+MAX_UPSCALE = 16
+# The smallest tiles: below them the halos dwarf the tiles (and the windows' count explodes).
+MIN_LATENT_TILE, MIN_VAE_ENCODER_TILE, MIN_VAE_DECODER_TILE = 8, 128, 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +61,21 @@ class InferenceConfig:
     attention_impl: str | None = None   # None: cuDNN on a GPU in bf16/fp16, else XLA
 
     def __post_init__(self):
-        if self.color_fix not in colorfix.COLOR_FIXES:
-            raise ValueError(f"color_fix {self.color_fix!r}: one of {list(colorfix.COLOR_FIXES)}")
-        if self.vae_posterior not in ("sample", "mean"):
-            raise ValueError(f"vae_posterior {self.vae_posterior!r}: 'sample' or 'mean'")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: one of {list(PRECISIONS)}")
-        for name in ("latent_max_tiles", "vae_max_tiles"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: at least 1 (or None: all)")
+        in_range(self, "upscale", 1, MAX_UPSCALE)
+        in_range(self, "process_size", low=1)
+        one_of(self, "color_fix", colorfix.COLOR_FIXES)
+        one_of(self, "vae_posterior", ("sample", "mean"))
+        one_of(self, "precision", PRECISIONS)
+        in_range(self, "latent_tile", low=MIN_LATENT_TILE)
+        if self.latent_tile % PATCH_SIZE:
+            raise ValueError(f"latent_tile={self.latent_tile}: must be a multiple of the "
+                             f"transformer's patch size {PATCH_SIZE}")
+        in_range(self, "latent_overlap", low=0, below=self.latent_tile)
+        in_range(self, "vae_encoder_tile", low=MIN_VAE_ENCODER_TILE)
+        in_range(self, "vae_decoder_tile", low=MIN_VAE_DECODER_TILE)
+        in_range(self, "latent_max_tiles", low=1)
+        in_range(self, "vae_max_tiles", low=1)
+        one_of(self, "attention_impl", (None, "xla", "cudnn"))
 
 
 def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, int, bool]:

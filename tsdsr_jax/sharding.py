@@ -30,6 +30,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tsdsr_jax.checks import in_range, one_of
+
 PyTree = Any
 DATA, FSDP = "data", "fsdp"
 BATCH = (DATA, FSDP)
@@ -46,8 +48,11 @@ class ShardingConfig:
     min_shard_size: int = 2 ** 18   # arrays with fewer elements stay whole
 
     def __post_init__(self):
-        if self.adapters not in ("replicated", "fsdp"):
-            raise ValueError(f"sharding.adapters={self.adapters!r}: 'replicated' or 'fsdp'")
+        for name in ("data", "fsdp"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                raise ValueError(f"{name}={getattr(self, name)}: -1 (fill) or at least 1")
+        one_of(self, "adapters", ("replicated", "fsdp"))
+        in_range(self, "min_shard_size", low=0)
 
 
 def make_mesh(config: ShardingConfig, devices: list | None = None) -> Mesh:

@@ -23,10 +23,7 @@ from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
 from tsdsr_jax.pipeline import PRECISIONS
-
-
-class ConfigError(ValueError):
-    """A run that cannot start; said before anything compiles."""
+from tsdsr_jax.train_config import ConfigError
 
 
 def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.Networks:
@@ -140,14 +137,9 @@ def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, net
     return Stage(state, step, validate, ("loss",))
 
 
-def check_stage(config: ml_collections.ConfigDict) -> None:
-    if config.stage not in ("tsd", "teacher"):
-        raise ConfigError(f"stage={config.stage!r}: 'tsd' or 'teacher'")
-
-
 def make_stage(config: ml_collections.ConfigDict, model: model_dir.Model) -> Stage:
-    """The configured stage (``config.stage``) on ``model``, from ``config.seed``."""
-    check_stage(config)
+    """The configured stage (``config.stage``) on ``model``, from ``config.seed``; the config
+    as :func:`tsdsr_jax.train_config.check` passes it."""
     build = tsd_stage if config.stage == "tsd" else teacher_stage
     return build(config, model, networks(model, config), jax.random.PRNGKey(config.seed))
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsdsr_jax import schedule
+from tsdsr_jax.checks import in_range, one_of
 from tsdsr_jax.tsd import Networks, Prompts, guided_velocity, velocity
 
 PyTree = Any
@@ -42,11 +43,9 @@ class FlowMatchingConfig:
     caption_dropout: float = 0.1       # probability that a caption becomes the null prompt
 
     def __post_init__(self):
-        if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(f"weighting_scheme {self.weighting_scheme!r}: one of "
-                             f"{', '.join(WEIGHTING_SCHEMES)}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout {self.caption_dropout}: a probability")
+        one_of(self, "weighting_scheme", WEIGHTING_SCHEMES)
+        in_range(self, "logit_std", above=0)
+        in_range(self, "caption_dropout", 0, 1)
 
 
 class FlowNoise(NamedTuple):

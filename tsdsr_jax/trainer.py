@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import optax
 
 from tsdsr_jax import teacher, tsd
+from tsdsr_jax.checks import in_range, one_of
 from tsdsr_jax.adapters import FAKE_SCORE_TARGETS, STUDENT_TARGETS
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.lpips import lpips
 
 PyTree = Any
+SCHEDULES = ("constant_with_warmup", "cosine", "cosine_with_restarts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,18 @@ class OptimConfig:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
 
+    def __post_init__(self):
+        in_range(self, "learning_rate", low=0)
+        in_range(self, "warmup_steps", low=0)
+        in_range(self, "total_steps", low=1)
+        one_of(self, "schedule", SCHEDULES)
+        in_range(self, "num_cycles", above=0)
+        in_range(self, "b1", 0, below=1)
+        in_range(self, "b2", 0, below=1)
+        in_range(self, "eps", above=0)
+        in_range(self, "weight_decay", low=0)
+        in_range(self, "max_grad_norm", above=0)
+
 
 def lr_schedule(config: OptimConfig) -> optax.Schedule:
     """diffusers' ``get_scheduler``: linear warm-up from 0, then constant or cosine decay."""
@@ -50,11 +64,9 @@ def lr_schedule(config: OptimConfig) -> optax.Schedule:
         elif config.schedule == "cosine":
             decay = jnp.maximum(0.0, 0.5 * (1 + jnp.cos(jnp.pi * 2 * config.num_cycles
                                                           * progress)))
-        elif config.schedule == "cosine_with_restarts":
+        else:  # cosine_with_restarts
             decay = jnp.where(progress >= 1, 0.0, 0.5 * (1 + jnp.cos(
                 jnp.pi * jnp.mod(config.num_cycles * progress, 1.0))))
-        else:
-            raise ValueError(f"unknown schedule {config.schedule!r}")
         factor = jnp.where(step < config.warmup_steps, step / warmup, decay)
         return config.learning_rate * factor
     return schedule

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsdsr_jax import schedule
+from tsdsr_jax.checks import in_range, one_of
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
 
@@ -50,11 +51,19 @@ class TSDConfig:
     mode_scale: float = 1.29
 
     def __post_init__(self):
+        in_range(self, "guidance_scale", low=0)
+        in_range(self, "dasm_steps", low=1)
         if len(self.dasm_weights) < self.dasm_steps:
-            raise ValueError(f"{self.dasm_steps} DASM steps need as many dasm_weights, "
-                             f"got {self.dasm_weights}")
-        if self.weighting_scheme not in ("logit_normal", "sigma_sqrt", "mode"):
-            raise ValueError(f"weighting_scheme {self.weighting_scheme!r}")
+            raise ValueError(f"dasm_steps={self.dasm_steps}: needs as many dasm_weights, got "
+                             f"{len(self.dasm_weights)} {tuple(self.dasm_weights)}")
+        in_range(self, "dasm_step_size", low=1)
+        in_range(self, "index_low", low=0)
+        in_range(self, "index_high", high=schedule.NUM_TRAIN_TIMESTEPS, above=self.index_low)
+        in_range(self, "lambda_vsd", 0, 1)
+        in_range(self, "lpips_weight", low=0)
+        in_range(self, "mse_weight", low=0)
+        one_of(self, "weighting_scheme", ("logit_normal", "sigma_sqrt", "mode"))
+        in_range(self, "logit_std", above=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ every file appears atomically.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import zlib
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from tsdsr_jax import model_dir
+from tsdsr_jax import cli, model_dir
 from tsdsr_jax.data import layout
 from tsdsr_jax.data.source import to_unit
 from tsdsr_jax.data.text import DEFAULT_PROMPT, encode_prompts, load_text_encoders
@@ -139,8 +138,8 @@ def write_fixed_prompts(text, model_path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsdsr_jax.data.prepare",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m tsdsr_jax.data.prepare",
+                                description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory (python -m convert)")
     parser.add_argument("--data", required=True, nargs="+", help="dataset roots (gt/, prompt_txt/)")
     parser.add_argument("--text-encoders", help="SD3 diffusers folder: also encode the captions")
@@ -151,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default="float32", help="storage type of the caption embeddings")
     parser.add_argument("--device", default=None, help="torch device of the text encoders")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed {args.seed}: must be >= 0 and < 2**32")
     roots = [Path(r) for r in args.data]
     for root in roots:
         if not (root / layout.GT).is_dir():
@@ -160,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_latents(model, roots, args.posterior, args.seed, args.batch_size)
     except (model_dir.ModelDirError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if args.text_encoders:
         import torch
         from ml_dtypes import bfloat16

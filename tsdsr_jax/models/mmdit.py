@@ -271,6 +271,12 @@ class _FeedForward(nn.Module):
 CUDNN_SEQ_MULTIPLE = 128
 
 
+def runnable_here(implementation: str | None) -> bool:
+    """Whether this host's backend can run the attention ``implementation`` (cuDNN needs a GPU;
+    it can still be compiled for one anywhere, as tsdsr_jax.aot does)."""
+    return implementation != "cudnn" or jax.default_backend() == "gpu"
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: str | None = None,
                           pad_multiple: int | None = None) -> jax.Array:

@@ -1,0 +1,146 @@
+"""Preemption and crashes of `train.py` (configs/tiny.py, real processes and real signals):
+SIGTERM checkpoints the step it is on and exits 75, SIGKILL loses only what followed the last
+checkpoint, and in both cases the same command resumes to the same weights as a run that was
+never stopped. Ctrl-C asks like SIGTERM; a second one stops at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tsdsr_jax.checkpoint import Checkpoints
+from tsdsr_jax.preemption import EXIT_CODE, Preemption
+
+ROOT = Path(__file__).parents[1]
+STEPS = 40
+
+
+def command(workdir: Path, checkpoint_every: int = 1000) -> list[str]:
+    return [sys.executable, "train.py", "--config", "configs/tiny.py",
+            f"--config.workdir={workdir}", f"--config.total_steps={STEPS}",
+            "--config.log_every=1", "--config.validate_every=1000", "--config.tsd.dasm_steps=1",
+            f"--config.checkpoint_every={checkpoint_every}"]
+
+
+def start(cmd: list[str], log: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def logged_steps(workdir: Path) -> list[dict]:
+    try:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    """Polls ``condition()`` while ``proc`` runs."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited {proc.returncode} early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
+    proc.wait(timeout=900)
+    return proc.returncode, log.read_text()
+
+
+def state(workdir: Path) -> dict:
+    checkpoints = Checkpoints(workdir / "checkpoints", create=False)
+    try:
+        return checkpoints.restore_raw()
+    finally:
+        checkpoints.close()
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    assert int(got["step"]) == int(want["step"]) == STEPS
+    for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache) -> Path:
+    """A run that nobody stops."""
+    workdir = tmp_path_factory.mktemp("straight")
+    code, out = finish(*run(command(workdir), workdir.parent / "straight.log", cache))
+    assert code == 0, out[-3000:]
+    return workdir
+
+
+def run(cmd: list[str], log: Path, cache: Path) -> tuple[subprocess.Popen, Path]:
+    return start(cmd, log, cache), log
+
+
+def test_sigint_asks_once_and_stops_at_the_second():
+    with Preemption() as preemption:
+        assert not preemption.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.reached(2) and preemption.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tmp_path, cache, straight):
+    workdir = tmp_path / "run"
+    proc, log = run(command(workdir), tmp_path / "first.log", cache)
+    wait_for(lambda: len(logged_steps(workdir)) >= 2, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, log)
+    assert code == EXIT_CODE, out[-3000:]
+    stopped = logged_steps(workdir)[-1]["step"]
+    assert 2 <= stopped < STEPS
+    assert f"stopped at step {stopped}, checkpointed" in out and "Traceback" not in out
+    assert int(state(workdir)["step"]) == stopped  # the step it was on, between checkpoints
+
+    code, out = finish(*run(command(workdir), tmp_path / "resumed.log", cache))
+    assert code == 0, out[-3000:]
+    assert f"resumed from step {stopped}" in out
+    want = {m["step"]: m["loss"] for m in logged_steps(straight)}
+    assert {m["step"]: m["loss"] for m in logged_steps(workdir)} == want
+    assert_same_state(state(workdir), state(straight))
+
+
+def test_sigkill_then_resume_from_the_last_checkpoint(tmp_path, cache, straight):
+    workdir = tmp_path / "run"
+    proc, log = run(command(workdir, checkpoint_every=5), tmp_path / "first.log", cache)
+    wait_for(lambda: (workdir / "checkpoints" / "5").is_dir()
+             and len(logged_steps(workdir)) >= 7, proc, log)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = Checkpoints(workdir / "checkpoints", create=False)
+    saved = last.latest_step()
+    last.close()
+    assert saved is not None and saved < STEPS
+
+    code, out = finish(*run(command(workdir, checkpoint_every=5), tmp_path / "resumed.log",
+                            cache))
+    assert code == 0, out[-3000:]
+    assert f"resumed from step {saved}" in out
+    want = {m["step"]: m["loss"] for m in logged_steps(straight)}
+    resumed = logged_steps(workdir)
+    assert {m["step"] for m in resumed} == set(want)
+    assert all(m["loss"] == want[m["step"]] for m in resumed)  # steps run twice: equal losses
+    assert_same_state(state(workdir), state(straight))

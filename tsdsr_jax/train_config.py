@@ -1,0 +1,176 @@
+"""The training config, ``--config FILE [--config.key=value ...]`` (an ``ml_collections``
+``get_config()`` file): read, and every key, type, range and choice checked before anything
+loads or compiles.
+
+Each section is checked by the dataclass that reads it (:func:`tsdsr_jax.checks.build`): the
+optimiser, TSD, flow-matching and sharding sections by their own configs, the rest by the
+dataclasses below. A key is required unless its dataclass has a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from tsdsr_jax.checks import build, in_range, one_of
+from tsdsr_jax.pipeline import PRECISIONS
+from tsdsr_jax.sharding import ShardingConfig
+from tsdsr_jax.teacher import FlowMatchingConfig
+from tsdsr_jax.trainer import OptimConfig
+from tsdsr_jax.tsd import TSDConfig
+
+STAGES = ("tsd", "teacher")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """A run that cannot start; said before anything compiles."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The top-level values that both stages read."""
+
+    stage: str
+    model: str                  # a model directory, or "tiny"
+    workdir: str
+    seed: int
+    total_steps: int
+    batch_size: int             # global, split over all devices
+    precision: str
+    remat_policy: str
+    attention_impl: str | None
+    log_every: int
+    validate_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+
+    def __post_init__(self):
+        one_of(self, "stage", STAGES)
+        for name in ("model", "workdir"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must not be empty")
+        in_range(self, "seed", 0, below=2 ** 32)
+        for name in ("total_steps", "batch_size", "log_every", "validate_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            in_range(self, name, low=1)
+        one_of(self, "precision", PRECISIONS)
+        one_of(self, "remat_policy", REMAT_POLICIES)
+        one_of(self, "attention_impl", (None, "xla", "cudnn"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TSDRunConfig(RunConfig):
+    init_student: str           # random | model
+    teacher: str                # lora | sd3 | a teacher run's checkpoints folder
+    student_rank: int
+    student_vae_rank: int
+    fake_score_rank: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self, "init_student", ("random", "model"))
+        if not self.teacher:
+            raise ValueError("teacher='': 'lora', 'sd3' or a teacher run's checkpoints folder")
+        for name in ("student_rank", "student_vae_rank", "fake_score_rank"):
+            in_range(self, name, low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRunConfig(RunConfig):
+    init_teacher: str           # random | model
+    teacher_rank: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self, "init_teacher", ("random", "model"))
+        in_range(self, "teacher_rank", low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    roots: tuple[str, ...]
+    resolution: int             # HR crops, pixels
+    degrade: bool               # make the LR on the fly (else read lr_bicubic/)
+    num_workers: int
+    skip_invalid: bool
+    shards: int                 # data streams (0: one per process)
+
+    def __post_init__(self):
+        if not self.roots or not all(self.roots):
+            raise ValueError(f"roots={self.roots!r}: one or more dataset folders")
+        in_range(self, "resolution", low=16)
+        if self.resolution % 16:
+            raise ValueError(f"resolution={self.resolution}: must be a multiple of 16 "
+                             "(the VAE's 8 times the transformer's patch of 2)")
+        in_range(self, "num_workers", low=0)
+        in_range(self, "shards", low=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSection:
+    """The teacher stage's validation sampler."""
+
+    num_steps: int
+    guidance_scale: float
+    strength: float             # img2img: the share of the schedule that is denoised
+
+    def __post_init__(self):
+        in_range(self, "num_steps", low=1)
+        in_range(self, "guidance_scale", low=0)
+        in_range(self, "strength", above=0, high=1)
+
+
+SECTIONS = {
+    "tsd": (TSDRunConfig, {"tsd": TSDConfig, "optim_student": OptimConfig,
+                           "optim_fake_score": OptimConfig, "data": DataSection,
+                           "sharding": ShardingConfig}),
+    "teacher": (TeacherRunConfig, {"flow": FlowMatchingConfig, "optim_teacher": OptimConfig,
+                                   "data": DataSection, "sharding": ShardingConfig,
+                                   "sample": SampleSection}),
+}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Every key of ``config`` known, present, of its type and in range, for its stage."""
+    values = config.to_dict()
+    stage = values.get("stage")
+    if stage not in SECTIONS:
+        raise ConfigError(f"config.stage={stage!r}: one of " + ", ".join(map(repr, STAGES)))
+    top, sections = SECTIONS[stage]
+    try:
+        for name, cls in sections.items():
+            if not isinstance(values.get(name), dict):
+                raise ValueError(f"{name}: missing section")
+            build(cls, values[name], name)
+        build(top, {k: v for k, v in values.items() if k not in sections})
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+
+
+def read(argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """``--config FILE`` and its ``--config.key=value`` overrides, checked (:func:`check`)."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        raise ConfigError("--config: give a config file, e.g. --config configs/tsd.py")
+    argv = ["train", *argv]
+    values = flags.FlagValues()
+    # sys_argv: the overrides are found in argv (by default config_flags reads sys.argv)
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
+        config = values.config
+        config.keys()  # a config file that failed to load raises only when first read
+    except (AttributeError, KeyError) as e:  # an override of a key the config lacks
+        key = str(e).strip("\"'")
+        given = " ".join(a for a in argv if f".{key}=" in a or a.endswith(f".{key}"))
+        raise ConfigError(f"--config: the config has no key {key!r} ({given})") from None
+    except (flags.Error, OSError, TypeError, ValueError, SyntaxError) as e:
+        lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
+        raise ConfigError(f"--config: {lines[-1] if lines else type(e).__name__}") from None
+    check(config)
+    return config
