@@ -6,6 +6,7 @@ an H200 from shapes alone on this host (no GPU; `make .venv-gpu/.aot`, then run 
     .venv-gpu/bin/python bench/compile.py --tiny           # the tiny model (checks the script)
 
 Per program and per GPU: arguments, temporaries and peak GiB, kernel launches, TFLOP, the bytes
+its kernels move, its roofline bound (H200: 790 TFLOP/s, 4.2 TB/s; tsdsr_jax.aot.plan), the bytes
 the collectives move, and the compile seconds on this host. Results accumulate in ``--json``
 (one entry per case, so cases can run one at a time); after each case the table in
 bench/RESULTS.md (between its ``compile`` markers) is written anew from them.
@@ -85,16 +86,19 @@ def cases(tiny_model: bool) -> dict:
 
 def table(results: dict) -> str:
     rows = ["| program (per GPU) | args GiB | temp GiB | peak GiB | official peak GB | kernels "
-            "| TFLOP | collectives GB | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+            "| TFLOP | GB moved | roofline ms | collectives GB | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | fails: {r['error'][:120]} | | | | | | | |")
+            rows.append(f"| {name} | fails: {r['error'][:120]} | | | | | | | | | |")
             continue
+        moved = f"{r['bytes_moved'] / 1e9:.1f}" if "bytes_moved" in r else "n/a"
+        bound = f"{r['roofline_ms']:.1f}" if "roofline_ms" in r else "n/a"
         rows.append(
             f"| {name} | {r['argument_bytes'] / GIB:.2f} | {r['temp_bytes'] / GIB:.2f} "
             f"| {r['peak_bytes'] / GIB:.2f} | {OFFICIAL.get(name, '')} | {r['kernels']:,} "
-            f"| {r['flops'] / 1e12:.2f} | {r['collective_bytes'] / 1e9:.2f} "
-            f"| {r['compile_s']:.0f} |")
+            f"| {r['flops'] / 1e12:.2f} | {moved} | {bound} "
+            f"| {r['collective_bytes'] / 1e9:.2f} | {r['compile_s']:.0f} |")
     return "\n".join(rows)
 
 
@@ -128,8 +132,9 @@ def main() -> None:
         try:
             plan = all_cases[name]().plan()
             results[name] = {k: getattr(plan, k) for k in (
-                "argument_bytes", "temp_bytes", "peak_bytes", "kernels", "flops",
+                "argument_bytes", "temp_bytes", "peak_bytes", "kernels", "flops", "bytes_moved",
                 "collective_bytes", "compile_s")}
+            results[name]["roofline_ms"] = plan.roofline_s() * 1e3
         except Exception as e:  # a program that does not compile is a result too
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         results = {k: results[k] for k in all_cases if k in results}

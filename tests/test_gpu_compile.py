@@ -81,6 +81,36 @@ def test_plan_counts_flops_of_convolutions_and_attention():
     assert int(kernels) > 5 and int(peak) > 0
 
 
+ROOFLINE = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+from tsdsr_jax.aot.plan import compile_plan, gpu_devices
+from tsdsr_jax.models.vae import NearestX2Conv
+mesh = jax.sharding.Mesh(gpu_devices("h200", 1), ("d",))
+spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16,
+                                           sharding=NamedSharding(mesh, PartitionSpec()))
+plan = compile_plan(jax.jit(lambda x: x * 2 + 1), (spec(1024, 1024),))
+print(plan.kernels, plan.bytes_moved, plan.roofline_s())
+up = NearestX2Conv(64, jnp.bfloat16)
+plan = compile_plan(jax.jit(lambda p, x: up.apply({"params": p}, x)),
+                    ({"kernel": spec(3, 3, 64, 64), "bias": spec(64)}, spec(1, 32, 32, 64)))
+print("convBackwardInput" in plan.hlo, "[1,67,67,64]" in plan.hlo)
+"""
+
+
+def test_plan_bytes_roofline_and_the_upsample_kernel():
+    """An elementwise kernel moves its input and output (2 x 2 MiB) and is bound by the
+    bandwidth; the VAE's nearest x2 + conv compiles to cuDNN's transposed convolution of the
+    input, with no zero-filled copy (32 -> 2·32 - 1 + 2·2 = 67 pixels) built."""
+    done = gpu_python("-c", ROOFLINE, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts, upsample = done.stdout.splitlines()[-2:]
+    kernels, moved, bound = counts.split()
+    assert int(kernels) == 1 and float(moved) == 2 * 1024 * 1024 * 2
+    assert float(bound) == pytest.approx(float(moved) / 4.2e12)
+    assert upsample.split() == ["True", "False"]
+
+
 @pytest.mark.parametrize("card", ["rtx4090", "a100-40g", "a100-80g", "h100", "h200"])
 def test_fit_inference_on_every_card(card):
     done = gpu_python("-m", "tsdsr_jax.fit", "--gpu", card, "--infer", "--model", "tiny",

@@ -15,8 +15,8 @@ from conftest import rel_err
 from convert.layout import match, to_flax
 from tsdsr_jax import tree
 from tsdsr_jax.models import lora
-from tsdsr_jax.models.vae import (AutoencoderKL, VAEConfig, abstract_params, init_params,
-                                  sample_posterior)
+from tsdsr_jax.models.vae import (AutoencoderKL, GroupNorm, NearestX2Conv, VAEConfig,
+                                  abstract_params, init_params, sample_posterior)
 
 TINY = {  # SD3-like: no quant convs, 4 blocks (latents of 24x40 images are 3x5)
     "block_out_channels": [8, 16, 16, 16], "layers_per_block": 2, "latent_channels": 16,
@@ -212,3 +212,34 @@ def test_gradients_match_torch_with_and_without_remat(policy):
     tx = nchw(x).requires_grad_()
     (vae.decode(vae.encode(tx).latent_dist.mean).sample * nchw(cot)).sum().backward()
     assert rel_err(grad, nhwc(tx.grad)) <= 1e-4
+
+
+def test_upsample_is_nearest_then_conv():
+    """NearestX2Conv (a transposed convolution of the input) against torch's nearest x2
+    interpolation followed by a 3x3 conv with padding 1, on odd sizes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 7, 6)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 6, 4)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    got = NearestX2Conv(4, jnp.float32).apply(
+        {"params": {"kernel": kernel, "bias": bias}}, jnp.asarray(x))
+    up = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2),
+                                         scale_factor=2, mode="nearest")
+    want = torch.nn.functional.conv2d(up, torch.from_numpy(kernel).permute(3, 2, 0, 1),
+                                      torch.from_numpy(bias), padding=1)
+    assert rel_err(got, want.permute(0, 2, 3, 1).numpy()) <= TOL
+
+
+def test_group_norm_statistics_with_a_large_mean():
+    """One-pass float32 statistics (about each channel's first pixel) against torch's
+    group_norm in float64, on activations whose mean is 300 times their spread (where float32
+    E[x²] - E[x]², torch's own float32 result among them, is off by percents)."""
+    rng = np.random.default_rng(1)
+    x = (300 + rng.standard_normal((2, 16, 12, 8)) * rng.uniform(0.5, 2, 8)).astype(np.float32)
+    scale, bias = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(
+        np.float32)
+    got = GroupNorm(4).apply({"params": {"scale": scale, "bias": bias}}, jnp.asarray(x))
+    want = torch.nn.functional.group_norm(torch.from_numpy(x).double().permute(0, 3, 1, 2), 4,
+                                          torch.from_numpy(scale).double(),
+                                          torch.from_numpy(bias).double(), eps=1e-6)
+    assert rel_err(got, want.permute(0, 2, 3, 1).numpy()) <= TOL

@@ -3,7 +3,11 @@ its collectives move, read from a deviceless compile for a :class:`~tsdsr_jax.ao
 
     devices = gpu_devices("h200", 1)
     plan = compile_plan(jax.jit(fn), abstract_args)   # ShapeDtypeStructs, nothing allocated
-    print(plan.peak_bytes / 2**30, plan.kernels, plan.flops)
+    print(plan.peak_bytes / 2**30, plan.kernels, plan.flops, plan.roofline_s())
+
+The roofline bound sums, over every kernel launch, max(FLOPs / peak, bytes / bandwidth), where
+a kernel's bytes are its operands and results as the HLO states them: a floor that no real
+kernel reaches (caches and fusions' partial reads aside).
 
 It needs jax's CUDA plugin and cuDNN installed (not a GPU): ``make .venv-gpu/.aot``.
 """
@@ -18,6 +22,9 @@ from collections.abc import Callable, Sequence
 
 
 from tsdsr_jax.aot.cards import CARDS
+
+# The H200's measured ceilings (bf16 dense GEMM, HBM copy), the roofline's defaults.
+H200_PEAK_FLOPS, H200_BANDWIDTH = 790e12, 4.2e12
 
 
 class NoGPUCompiler(RuntimeError):
@@ -48,8 +55,16 @@ class Plan:
     kernels: int              # kernel launches per call (loop bodies times their trip count)
     flops: float              # GEMMs, convolutions and fused attention
     collective_bytes: int     # results of all-gathers, reduce-scatters, all-reduces, all-to-alls
+    bytes_moved: float        # every launch's operands and results
     compile_s: float
     hlo: str = dataclasses.field(repr=False)
+    costs: tuple[tuple[float, float], ...] = dataclasses.field(repr=False, default=())
+
+    def roofline_s(self, peak_flops: float = H200_PEAK_FLOPS,
+                   bandwidth: float = H200_BANDWIDTH) -> float:
+        """The roofline lower bound of one call, seconds (``costs``: per launch, FLOPs and
+        bytes)."""
+        return sum(max(f / peak_flops, b / bandwidth) for f, b in self.costs)
 
     @property
     def peak_bytes(self) -> int:
@@ -65,9 +80,10 @@ def compile_plan(jitted: Callable, args: Sequence, kwargs: dict | None = None) -
     compile_s = time.perf_counter() - tic
     m = compiled.memory_analysis()
     text = compiled.as_text()
-    kernels, flops, collective = hlo_counts(text)
+    counts = hlo_counts(text)
     return Plan(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-                m.temp_size_in_bytes, kernels, flops, collective, compile_s, text)
+                m.temp_size_in_bytes, counts.kernels, counts.flops, counts.collective_bytes,
+                sum(b for _, b in counts.costs), compile_s, text, tuple(counts.costs))
 
 
 # --------------------------------------------------------------------------- HLO text
@@ -150,15 +166,31 @@ def _flops(op: str, result: str, rest: str, shapes: dict[str, list[int]],
     return 0.0
 
 
-def hlo_counts(text: str) -> tuple[int, float, int]:
-    """(kernel launches, FLOPs, collective result bytes) of a compiled GPU program."""
+@dataclasses.dataclass
+class Counts:
+    """What a compiled GPU program launches per call."""
+
+    kernels: int = 0
+    flops: float = 0.0
+    collective_bytes: int = 0
+    costs: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # per launch
+
+
+def _result_bytes(result: str) -> int:
+    return sum(_bytes(dtype, dims) for dtype, dims in _arrays(result))
+
+
+def hlo_counts(text: str) -> Counts:
+    """Kernel launches, FLOPs, collective result bytes and each launch's (FLOPs, bytes) of a
+    compiled GPU program; loop bodies count their trip count times."""
     computations, entry = _computations(text)
     shapes = {name: (_arrays(result)[0][1] if _arrays(result) else [])
               for instructions in computations.values() for name, result, _, _ in instructions}
-    kernels = flops = collective = 0
+    sizes = {name: _result_bytes(result)
+             for instructions in computations.values() for name, result, _, _ in instructions}
+    counts = Counts()
 
     def visit(name: str, times: int) -> None:
-        nonlocal kernels, flops, collective
         for _, result, op, rest in computations.get(name, []):
             if op == "while":
                 trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
@@ -169,14 +201,18 @@ def hlo_counts(text: str) -> tuple[int, float, int]:
                                          rest):
                     visit(called, times)
             elif op not in _FREE:
-                kernels += times
-                flops += times * _flops(op, result, rest, shapes, computations)
+                flops = _flops(op, result, rest, shapes, computations)
+                operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+                moved = _result_bytes(result) + sum(sizes.get(o, 0) for o in operands)
+                counts.kernels += times
+                counts.flops += times * flops
+                counts.costs.extend([(flops, moved)] * times)
                 inner = [op]
                 if op == "async-start":  # a wrapped collective: its computation names it
                     called = re.search(r"calls=%?([\w.\-]+)", rest)
                     inner = [i[2] for i in computations.get(called.group(1), [])] if called else []
                 if any(o.removesuffix("-start") in _COLLECTIVES for o in inner):
-                    collective += times * _collective_bytes(result)
+                    counts.collective_bytes += times * _collective_bytes(result)
 
     visit(entry, 1)
-    return kernels, flops, collective
+    return counts
