@@ -180,6 +180,21 @@ def _result_bytes(result: str) -> int:
     return sum(_bytes(dtype, dims) for dtype, dims in _arrays(result))
 
 
+_SLICES = ("slice", "dynamic-slice")
+
+
+def _moved_bytes(op: str, result: str, rest: str, sizes: dict[str, int],
+                 computations: dict[str, list[tuple]]) -> int:
+    """A launch's operands and results; a fusion that only slices reads just what it keeps."""
+    out = _result_bytes(result)
+    called = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None
+    body = computations.get(called.group(1), []) if called else []
+    if op in _SLICES or (body and body[-1][2] in _SLICES):
+        return 2 * out
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    return out + sum(sizes.get(o, 0) for o in operands)
+
+
 def hlo_counts(text: str) -> Counts:
     """Kernel launches, FLOPs, collective result bytes and each launch's (FLOPs, bytes) of a
     compiled GPU program; loop bodies count their trip count times."""
@@ -202,8 +217,7 @@ def hlo_counts(text: str) -> Counts:
                     visit(called, times)
             elif op not in _FREE:
                 flops = _flops(op, result, rest, shapes, computations)
-                operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-                moved = _result_bytes(result) + sum(sizes.get(o, 0) for o in operands)
+                moved = _moved_bytes(op, result, rest, sizes, computations)
                 counts.kernels += times
                 counts.flops += times * flops
                 counts.costs.extend([(flops, moved)] * times)
