@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
     p.add_argument("--vae", choices=["sample", "mean"], default="sample",
                    help="posterior sample (official) or its mean (deterministic)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=cli.seed, default=42)
     cli.add_network_flags(p)
     p.add_argument("--compare", action="store_true",
                    help="also write OUTDIR/compare/NAME.png: LR (nearest) | SR")
@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = cli.inference_config(args, color_fix=args.color_fix, vae_posterior=args.vae)
-        if not 0 <= args.seed < 2 ** 32:
-            raise ValueError(f"--seed {args.seed}: must be >= 0 and < 2**32")
         if args.input.is_dir() and args.output.resolve() == args.input.resolve():
             raise ValueError(f"{args.output}: write the outputs to another folder than the inputs")
         if args.output.exists() and not args.output.is_dir():

@@ -14,8 +14,8 @@ import json
 import os
 import sys
 import zlib
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax

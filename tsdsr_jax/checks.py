@@ -16,6 +16,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+SEEDS = 2 ** 32  # seeds are in [0, SEEDS)
+
 
 def in_range(obj: object, name: str, low: float | None = None, high: float | None = None,
              *, above: float | None = None, below: float | None = None) -> None:

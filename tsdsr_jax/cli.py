@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tsdsr_jax.checks import SEEDS
 from tsdsr_jax.pipeline import PRECISIONS, InferenceConfig
 
 
@@ -15,6 +16,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed, in [0, 2**32)."""
+    value = int(text)
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 0 and < 2**32")
+    return value
 
 
 def add_network_flags(p: argparse.ArgumentParser) -> None:

@@ -27,14 +27,14 @@ from tsdsr_jax import colorfix, sharding, tiling
 from tsdsr_jax.checks import in_range, one_of
 from tsdsr_jax.model_dir import Model
 from tsdsr_jax.models import lora
-from tsdsr_jax.models.mmdit import MMDiT
+from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL, sample_posterior
 from tsdsr_jax.resize import resize_bicubic
 
 PRECISIONS = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 TIMESTEP = 1000.0  # the student's single step: σ = 1
-MULTIPLE = 16      # VAE factor 8 × patch size 2
 PATCH_SIZE = 2     # the transformer's latent patch: latent tiles are multiples of it
+MULTIPLE = 8 * PATCH_SIZE  # image sides the network takes: the VAE's factor 8 × the patch
 MAX_UPSCALE = 16
 # The smallest tiles: below them the halos dwarf the tiles (and the windows' count explodes).
 MIN_LATENT_TILE, MIN_VAE_ENCODER_TILE, MIN_VAE_DECODER_TILE = 8, 128, 16
@@ -75,7 +75,7 @@ class InferenceConfig:
         in_range(self, "vae_decoder_tile", low=MIN_VAE_DECODER_TILE)
         in_range(self, "latent_max_tiles", low=1)
         in_range(self, "vae_max_tiles", low=1)
-        one_of(self, "attention_impl", (None, "xla", "cudnn"))
+        one_of(self, "attention_impl", ATTENTION_IMPLS)
 
 
 def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, int, bool]:

@@ -16,8 +16,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from tsdsr_jax.checks import build, in_range, one_of
-from tsdsr_jax.pipeline import PRECISIONS
+from tsdsr_jax.checks import SEEDS, build, in_range, one_of
+from tsdsr_jax.models.mmdit import ATTENTION_IMPLS
+from tsdsr_jax.pipeline import MULTIPLE, PRECISIONS
 from tsdsr_jax.sharding import ShardingConfig
 from tsdsr_jax.teacher import FlowMatchingConfig
 from tsdsr_jax.trainer import OptimConfig
@@ -54,13 +55,13 @@ class RunConfig:
         for name in ("model", "workdir"):
             if not getattr(self, name):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must not be empty")
-        in_range(self, "seed", 0, below=2 ** 32)
+        in_range(self, "seed", 0, below=SEEDS)
         for name in ("total_steps", "batch_size", "log_every", "validate_every",
                      "checkpoint_every", "keep_checkpoints"):
             in_range(self, name, low=1)
         one_of(self, "precision", PRECISIONS)
         one_of(self, "remat_policy", REMAT_POLICIES)
-        one_of(self, "attention_impl", (None, "xla", "cudnn"))
+        one_of(self, "attention_impl", ATTENTION_IMPLS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +104,9 @@ class DataSection:
     def __post_init__(self):
         if not self.roots or not all(self.roots):
             raise ValueError(f"roots={self.roots!r}: one or more dataset folders")
-        in_range(self, "resolution", low=16)
-        if self.resolution % 16:
-            raise ValueError(f"resolution={self.resolution}: must be a multiple of 16 "
+        in_range(self, "resolution", low=MULTIPLE)
+        if self.resolution % MULTIPLE:
+            raise ValueError(f"resolution={self.resolution}: must be a multiple of {MULTIPLE} "
                              "(the VAE's 8 times the transformer's patch of 2)")
         in_range(self, "num_workers", low=0)
         in_range(self, "shards", low=0)

@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, nargs="+", help="dataset roots (gt/, prompt_txt/)")
     parser.add_argument("--text-encoders", help="SD3 diffusers folder: also encode the captions")
     parser.add_argument("--posterior", choices=("sample", "mean"), default="sample")
-    parser.add_argument("--seed", type=int, default=0, help="posterior sampling seed")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="posterior sampling seed")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--embeddings-dtype", choices=("float32", "bfloat16", "float16"),
                         default="float32", help="storage type of the caption embeddings")
@@ -152,8 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be at least 1")
-    if not 0 <= args.seed < 2 ** 32:
-        parser.error(f"--seed {args.seed}: must be >= 0 and < 2**32")
     roots = [Path(r) for r in args.data]
     for root in roots:
         if not (root / layout.GT).is_dir():

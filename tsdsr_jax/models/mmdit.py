@@ -30,6 +30,7 @@ from tsdsr_jax.models.lora import Conv, Dense
 PyTree = Any
 
 _QK_NORMS = (None, "rms_norm")
+ATTENTION_IMPLS = (None, "xla", "cudnn")  # None: jax chooses
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class MMDiTConfig:
         if self.caption_projection_dim != self.inner_dim:
             raise ValueError(f"unsupported caption_projection_dim {self.caption_projection_dim}: "
                              f"joint attention needs heads * head_dim = {self.inner_dim}")
-        if self.attention_impl not in (None, "xla", "cudnn"):
+        if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"unsupported attention_impl {self.attention_impl!r}")
         remat.check(self.remat_policy)
 
