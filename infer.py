@@ -19,10 +19,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from tsdsr_jax import cli, model_dir
-from tsdsr_jax.images import ImageError, list_images, load_image, output_names, save_png
+from tsdsr_jax import cli
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.io.images import ImageError, list_images, load_image, output_names, save_png
 from tsdsr_jax.models.mmdit import runnable_here
-from tsdsr_jax.pipeline import Pipeline
+from tsdsr_jax.inference.pipeline import Pipeline
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
 
 

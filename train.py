@@ -25,19 +25,22 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from tsdsr_jax import cli, model_dir, sharding, stages, train_config
-from tsdsr_jax.adapters import STUDENT_TARGETS
-from tsdsr_jax.checkpoint import CheckpointError, Checkpoints
+from tsdsr_jax import cli, sharding
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training import stages
+from tsdsr_jax.training import run_config
+from tsdsr_jax.models.targets import STUDENT_TARGETS
+from tsdsr_jax.training.checkpoint import CheckpointError, Checkpoints
 from tsdsr_jax.data.layout import DataError
-from tsdsr_jax.images import save_png
+from tsdsr_jax.io.images import save_png
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import runnable_here
-from tsdsr_jax.pipeline import to_uint8
-from tsdsr_jax.preemption import EXIT_CODE as PREEMPTED
-from tsdsr_jax.preemption import Preemption
-from tsdsr_jax.train_config import ConfigError
-from tsdsr_jax.tree import flatten, nest
+from tsdsr_jax.inference.pipeline import to_uint8
+from tsdsr_jax.training.preemption import EXIT_CODE as PREEMPTED
+from tsdsr_jax.training.preemption import Preemption
+from tsdsr_jax.training.run_config import ConfigError
+from tsdsr_jax.io.tree import flatten, nest
 
 
 # --------------------------------------------------------------------------- model
@@ -115,7 +118,7 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
     """This process's rows of every global batch (``config.data.shards`` streams, 0: one per
     process; fix it to keep the data order when the number of processes changes)."""
     from tsdsr_jax.data.degrade import DegradeConfig
-    from tsdsr_jax.data.pipeline import DataConfig, ProcessBatches
+    from tsdsr_jax.data.batches import DataConfig, ProcessBatches
 
     spec = stages.sample_spec(config, model)
     data = DataConfig(roots=tuple(config.data.roots), batch_size=config.batch_size,
@@ -164,7 +167,7 @@ class Logger:
 def train(config: ml_collections.ConfigDict) -> int | None:
     """Runs (or resumes) the configured stage to ``config.total_steps``; on SIGTERM or SIGINT
     it checkpoints the step it is on and returns that step."""
-    train_config.check(config)
+    run_config.check(config)
     if not runnable_here(config.attention_impl):
         raise ConfigError(f"config.attention_impl='cudnn': needs a GPU (jax runs on "
                           f"{jax.default_backend()} here); use --config.attention_impl=xla")
@@ -245,7 +248,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, ml_collections.Conf
         if not 0 <= args.process_id < args.num_processes:
             p.error(f"--process_id {args.process_id}: must be >= 0 and < --num_processes "
                     f"{args.num_processes}")
-    return args, train_config.read(rest)
+    return args, run_config.read(rest)
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ from configs import tiny, tsd, teacher  # noqa: E402
 from tsdsr_jax.aot import programs  # noqa: E402
 from tsdsr_jax.aot.cards import GIB  # noqa: E402
 from tsdsr_jax.aot.plan import gpu_devices  # noqa: E402
-from tsdsr_jax.pipeline import InferenceConfig  # noqa: E402
+from tsdsr_jax.inference.pipeline import InferenceConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = "h200"

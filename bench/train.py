@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax import trainer, tsd
-from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
-from tsdsr_jax.model_dir import TINY_TRANSFORMER, TINY_VAE
+from tsdsr_jax.training import steps
+from tsdsr_jax.training import tsd
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.io.model_dir import TINY_TRANSFORMER, TINY_VAE
 from tsdsr_jax.models import lora, mmdit, vae
 from tsdsr_jax.models import lpips as lpips_model
 
@@ -60,7 +61,7 @@ def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract:
             jax.random.normal(key, (prompt_len, t_cfg.joint_attention_dim)),
             jax.random.normal(key, (t_cfg.pooled_projection_dim,)))
         teacher = lora.init_adapter(k[2], base["transformer"], STUDENT_TARGETS, 64)
-        frozen = trainer.Frozen(base, teacher, prompts(k[3]), prompts(k[4]),
+        frozen = steps.Frozen(base, teacher, prompts(k[3]), prompts(k[4]),
                                 cast(lpips_model.init_params(k[5], "alex")))
         student = (lora.init_adapter(k[6], base["transformer"], STUDENT_TARGETS, 64),
                    lora.init_adapter(k[7], base["vae"], vae_encoder_targets(base["vae"]), 64))
@@ -97,14 +98,14 @@ def run(args: argparse.Namespace, b: int, n: int) -> dict[str, float | None]:
     remat = None if args.remat == "none" else args.remat
     nets, frozen, student, prompt_len = build(args.tiny, dtype, "cudnn" if gpu else None, remat,
                                               abstract=args.compile_only)
-    opt = trainer.optimizer(trainer.OptimConfig(learning_rate=5e-6))
-    fake_opt = trainer.optimizer(trainer.OptimConfig(learning_rate=1e-6))
-    init = functools.partial(trainer.init_state, jax.random.PRNGKey(1), opt_student=opt,
+    opt = steps.optimizer(steps.OptimConfig(learning_rate=5e-6))
+    fake_opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-6))
+    init = functools.partial(steps.init_state, jax.random.PRNGKey(1), opt_student=opt,
                              opt_fake=fake_opt, fake_rank=64)
     state = (jax.eval_shape(init, frozen.base, student) if args.compile_only
              else init(frozen.base, student))
     batch = batch_of(b, 64 if args.tiny else 512, prompt_len, nets, args.compile_only)
-    step = jax.jit(functools.partial(trainer.train_step, nets=nets,
+    step = jax.jit(functools.partial(steps.train_step, nets=nets,
                                      config=tsd.TSDConfig(dasm_steps=n), opt_student=opt,
                                      opt_fake=fake_opt), donate_argnums=0)
     tic = time.perf_counter()

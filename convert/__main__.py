@@ -19,13 +19,14 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from convert.embeddings import read_embeddings
-from convert.layout import ConversionError, OutputFile
-from convert.lora import plan_adapter
-from convert.lpips import plan_lpips
-from convert.sd3 import plan_weights, read_network
-from tsdsr_jax import cli, model_dir
-from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.conversion.embeddings import read_embeddings
+from tsdsr_jax.conversion.layout import ConversionError, OutputFile
+from tsdsr_jax.conversion.lora import plan_adapter
+from tsdsr_jax.conversion.lpips import plan_lpips
+from tsdsr_jax.conversion.sd3 import plan_weights, read_network
+from tsdsr_jax import cli
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.layout import OutputFile, to_torch, torch_name, torch_shape
-from convert.lora import PREFIX
-from tsdsr_jax import cli, model_dir
-from tsdsr_jax.checkpoint import CheckpointError, Checkpoints
-from tsdsr_jax.safetensors_io import SafeTensors
-from tsdsr_jax.tree import flatten
+from tsdsr_jax.conversion.layout import OutputFile, to_torch, torch_name, torch_shape
+from tsdsr_jax.conversion.lora import PREFIX
+from tsdsr_jax import cli
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training.checkpoint import CheckpointError, Checkpoints
+from tsdsr_jax.io.safetensors import SafeTensors
+from tsdsr_jax.io.tree import flatten
 
 OFFICIAL_FILES = {"student": "transformer.safetensors", "student_vae": "vae.safetensors",
                   "teacher": "teacher.safetensors", "fake_score": "transformer_reg.safetensors"}

@@ -16,14 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax import model_dir, sharding, trainer, tsd
-from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
-from tsdsr_jax.checkpoint import Checkpoints
+from tsdsr_jax import sharding
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training import steps
+from tsdsr_jax.training import tsd
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.training.checkpoint import Checkpoints
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.pipeline import InferenceConfig, Pipeline
+from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
 
 jax.config.update("jax_default_matmul_precision", "highest")
 B, SIDE, STEPS = 8, 32, 2
@@ -37,14 +40,14 @@ def setup():
     emb = model.embeddings["default"]
     prompts = tsd.Prompts(emb["prompt_embeds"], emb["pooled_prompt_embeds"])
     null = tsd.Prompts(jnp.zeros_like(prompts.embeds), jnp.zeros_like(prompts.pooled))
-    frozen = trainer.Frozen(model.params, None, prompts, null,
+    frozen = steps.Frozen(model.params, None, prompts, null,
                             lpips_model.init_params(jax.random.key(1), "alex"))
-    opt = trainer.optimizer(trainer.OptimConfig(learning_rate=1e-3, warmup_steps=1))
+    opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-3, warmup_steps=1))
     k = jax.random.split(jax.random.PRNGKey(2), 3)  # raw keys, as train.py
     student = (lora.init_adapter(k[0], model.params["transformer"], STUDENT_TARGETS, 4),
                lora.init_adapter(k[1], model.params["vae"], vae_encoder_targets(model.params["vae"]),
                                  4))
-    state = trainer.init_state(k[2], model.params, student, 4, opt, opt)
+    state = steps.init_state(k[2], model.params, student, 4, opt, opt)
     rng = np.random.default_rng(0)
     latent = SIDE // 8
     batches = [{"lr": rng.uniform(-1, 1, (B, SIDE, SIDE, 3)).astype(np.float32),
@@ -54,7 +57,7 @@ def setup():
                 "pooled_prompt_embeds": rng.standard_normal((B, 32)).astype(np.float32)}
                for _ in range(STEPS)]
     config = tsd.TSDConfig(dasm_steps=1)
-    step = lambda s, f, b: trainer.train_step(s, f, b, nets, config, opt, opt)  # noqa: E731
+    step = lambda s, f, b: steps.train_step(s, f, b, nets, config, opt, opt)  # noqa: E731
     return jax.device_get(state), jax.device_get(frozen), batches, step
 
 

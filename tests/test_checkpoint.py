@@ -8,11 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from tsdsr_jax import trainer
-from tsdsr_jax.checkpoint import CheckpointError, Checkpoints
+from tsdsr_jax.training import steps
+from tsdsr_jax.training.checkpoint import CheckpointError, Checkpoints
 
 
-def make_state(seed: int) -> trainer.TrainState:
+def make_state(seed: int) -> steps.TrainState:
     rng = np.random.default_rng(seed)
     student = ({"transformer_blocks.0": {"attn": {"to_out.0": {
         "lora_A": jnp.asarray(rng.standard_normal((8, 2)), jnp.float32),
@@ -22,8 +22,8 @@ def make_state(seed: int) -> trainer.TrainState:
                                         "lora_B": jnp.zeros((1, 1, 2, 4))}}})
     fake = {"transformer_blocks.0": {"attn": {"to_q": {"lora_A": jnp.ones((8, 2)),
                                                        "lora_B": jnp.zeros((2, 8))}}}}
-    opt = trainer.optimizer(trainer.OptimConfig(learning_rate=1e-4))
-    state = trainer.TrainState(jnp.asarray(seed, jnp.int32), student, fake, opt.init(student),
+    opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-4))
+    state = steps.TrainState(jnp.asarray(seed, jnp.int32), student, fake, opt.init(student),
                                opt.init(fake), jnp.asarray([seed, 0], jnp.int32),
                                jax.random.PRNGKey(seed))
     grads = jax.tree_util.tree_map(jnp.ones_like, student)  # one update: non-trivial moments

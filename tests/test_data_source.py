@@ -11,9 +11,9 @@ from PIL import Image
 
 from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.data.layout import DataError, scan
-from tsdsr_jax.data.pipeline import DataConfig, ProcessBatches, train_batches
+from tsdsr_jax.data.batches import DataConfig, ProcessBatches, train_batches
 from tsdsr_jax.data.source import SampleSpec, load_sample
-from tsdsr_jax.safetensors_io import save_arrays
+from tsdsr_jax.io.safetensors import save_arrays
 
 SPEC = SampleSpec(resolution=32, prompt_shape=(5, 8), pooled_dim=6, latent_channels=4)
 

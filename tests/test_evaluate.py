@@ -1,4 +1,4 @@
-"""``python -m tsdsr_jax.evaluate``: PSNR/SSIM against pyiqa on real photos, LPIPS, bad inputs."""
+"""The evaluation command: PSNR/SSIM against pyiqa on real photos, LPIPS, bad inputs."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageFilter
 from test_lpips import reference, save_backbone
 
-from tsdsr_jax import model_dir
-from tsdsr_jax.evaluate import COLUMNS, main
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.evaluation.evaluate import COLUMNS, main
 
 DATA = Path(__file__).parent / "data"
 

@@ -116,14 +116,14 @@ def test_plan_bytes_roofline_and_the_upsample_kernel():
 
 @pytest.mark.parametrize("card", ["rtx4090", "a100-40g", "a100-80g", "h100", "h200"])
 def test_fit_inference_on_every_card(card):
-    done = gpu_python("-m", "tsdsr_jax.fit", "--gpu", card, "--infer", "--model", "tiny",
+    done = gpu_python("-m", "tsdsr_jax.aot.fit", "--gpu", card, "--infer", "--model", "tiny",
                       "--size", "512", "--no-search", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "batch 1 per GPU fits" in done.stdout
 
 
 def test_fit_finds_the_largest_batch():
-    done = gpu_python("-m", "tsdsr_jax.fit", "--gpu", "rtx4090", "--infer", "--model", "tiny",
+    done = gpu_python("-m", "tsdsr_jax.aot.fit", "--gpu", "rtx4090", "--infer", "--model", "tiny",
                       "--size", "128", "--process-size", "128", "--mem-fraction", "0.005",
                       timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -146,6 +146,6 @@ def test_fit_finds_the_largest_batch():
      "does not split"),
 ])
 def test_fit_bad_flags_get_one_line(args, needle):
-    done = gpu_python("-m", "tsdsr_jax.fit", *args, timeout=300)
+    done = gpu_python("-m", "tsdsr_jax.aot.fit", *args, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert needle in done.stderr and "Traceback" not in done.stderr

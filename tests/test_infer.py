@@ -12,7 +12,7 @@ from PIL import Image
 
 import infer
 from conftest import convert_release
-from tsdsr_jax.images import load_image
+from tsdsr_jax.io.images import load_image
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 

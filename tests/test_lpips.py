@@ -18,11 +18,11 @@ from PIL import Image, ImageFilter
 
 from conftest import rel_err
 from convert.__main__ import main as convert_main
-from convert.layout import ConversionError
-from convert.lpips import plan_lpips
-from tsdsr_jax import model_dir
+from tsdsr_jax.conversion.layout import ConversionError
+from tsdsr_jax.conversion.lpips import plan_lpips
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.models.lpips import lpips
-from tsdsr_jax.tree import flatten, nest
+from tsdsr_jax.io.tree import flatten, nest
 
 DATA = Path(__file__).parent / "data"
 SIZE = (64, 48)  # W, H

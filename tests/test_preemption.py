@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from tsdsr_jax.checkpoint import Checkpoints
-from tsdsr_jax.preemption import EXIT_CODE, Preemption
+from tsdsr_jax.training.checkpoint import Checkpoints
+from tsdsr_jax.training.preemption import EXIT_CODE, Preemption
 
 ROOT = Path(__file__).parents[1]
 STEPS = 40

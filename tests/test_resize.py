@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tsdsr_jax.resize import resize_bicubic
+from tsdsr_jax.inference.resize import resize_bicubic
 
 DATA = Path(__file__).parent / "data"
 resize = jax.jit(resize_bicubic, static_argnames="size")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from tsdsr_jax import schedule
+from tsdsr_jax.diffusion import schedule
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])

@@ -19,8 +19,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tsdsr_jax import sharding
-from tsdsr_jax.checkpoint import Checkpoints
-from tsdsr_jax.preemption import EXIT_CODE
+from tsdsr_jax.training.checkpoint import Checkpoints
+from tsdsr_jax.training.preemption import EXIT_CODE
 
 ROOT = Path(__file__).parents[1]
 

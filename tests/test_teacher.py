@@ -18,10 +18,12 @@ from diffusers.training_utils import (
 )
 
 from conftest import convert_release, peft_grads, rel_err
-from tsdsr_jax import model_dir, teacher, tsd
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training import flow_matching
+from tsdsr_jax.training import tsd
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.tree import flatten
+from tsdsr_jax.io.tree import flatten
 
 B, LATENT = 3, (8, 8, 4)
 
@@ -56,16 +58,17 @@ def density_draw(scheme: str, seed: int) -> torch.Tensor:
     return torch.rand(size=(B,), generator=g)
 
 
-@pytest.mark.parametrize("scheme", teacher.WEIGHTING_SCHEMES)
+@pytest.mark.parametrize("scheme", flow_matching.WEIGHTING_SCHEMES)
 def test_density_and_weighting_equal_diffusers(scheme):
-    config = teacher.FlowMatchingConfig(weighting_scheme=scheme, logit_mean=0.3, logit_std=1.2)
+    config = flow_matching.FlowMatchingConfig(weighting_scheme=scheme, logit_mean=0.3,
+                                              logit_std=1.2)
     want = compute_density_for_timestep_sampling(scheme, B, logit_mean=0.3, logit_std=1.2,
                                                  mode_scale=1.29,
                                                  generator=torch.Generator().manual_seed(5))
-    got = teacher.timestep_density(jnp.asarray(density_draw(scheme, 5).numpy()), config)
+    got = flow_matching.timestep_density(jnp.asarray(density_draw(scheme, 5).numpy()), config)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
     sigmas = torch.tensor([0.003, 0.2, 0.5, 0.9, 1.0])
-    np.testing.assert_allclose(teacher.loss_weighting(jnp.asarray(sigmas.numpy()), config),
+    np.testing.assert_allclose(flow_matching.loss_weighting(jnp.asarray(sigmas.numpy()), config),
                                compute_loss_weighting_for_sd3(scheme, sigmas).numpy(), rtol=1e-6)
 
 
@@ -100,8 +103,8 @@ def diffusers_recipe(tr, x, u, drop, precondition: bool, scheme: str):
                                                  ("cosmap", False)])
 def test_loss_and_gradients_equal_diffusers_recipe(release, setup, scheme, precondition):
     model, nets = setup
-    config = teacher.FlowMatchingConfig(weighting_scheme=scheme, logit_mean=0.3, logit_std=1.2,
-                                        precondition_outputs=precondition)
+    config = flow_matching.FlowMatchingConfig(weighting_scheme=scheme, logit_mean=0.3,
+                                              logit_std=1.2, precondition_outputs=precondition)
     x = inputs(release, 1)
     drop = np.array([False, True, False])
     u = compute_density_for_timestep_sampling(scheme, B, logit_mean=0.3, logit_std=1.2,
@@ -115,11 +118,11 @@ def test_loss_and_gradients_equal_diffusers_recipe(release, setup, scheme, preco
     want.backward()
     want_grads = peft_grads(tr, "teacher")
 
-    noise = teacher.FlowNoise(jnp.asarray(density_draw(scheme, 7).numpy()),
+    noise = flow_matching.FlowNoise(jnp.asarray(density_draw(scheme, 7).numpy()),
                               jnp.asarray(x["noise"]), jnp.asarray(drop))
     prompts = tsd.Prompts(jnp.asarray(x["embeds"]), jnp.asarray(x["pooled"]))
     null = tsd.Prompts(jnp.asarray(x["null_embeds"]), jnp.asarray(x["null_pooled"]))
-    (loss, _), grads = jax.value_and_grad(teacher.flow_matching_loss, has_aux=True)(
+    (loss, _), grads = jax.value_and_grad(flow_matching.flow_matching_loss, has_aux=True)(
         model.adapters["teacher"], nets, model.params["transformer"], jnp.asarray(x["latents"]),
         prompts, null, noise, config)
     assert rel_err(loss, want.item()) <= 1e-5
@@ -132,19 +135,20 @@ def test_loss_and_gradients_equal_diffusers_recipe(release, setup, scheme, preco
 
 
 def test_caption_dropout_rate():
-    config = teacher.FlowMatchingConfig(caption_dropout=0.25)
-    drops = jax.vmap(lambda k: teacher.sample_noise(k, (4, 2, 2, 1), config).drop)(
+    config = flow_matching.FlowMatchingConfig(caption_dropout=0.25)
+    drops = jax.vmap(lambda k: flow_matching.sample_noise(k, (4, 2, 2, 1), config).drop)(
         jax.random.split(jax.random.key(0), 2000))
     assert abs(float(jnp.mean(drops)) - 0.25) < 0.02
-    assert not jnp.any(teacher.sample_noise(jax.random.key(1), (64, 2, 2, 1),
-                                            teacher.FlowMatchingConfig(caption_dropout=0)).drop)
+    assert not jnp.any(flow_matching.sample_noise(jax.random.key(1), (64, 2, 2, 1),
+                                            flow_matching.FlowMatchingConfig(
+                                                caption_dropout=0)).drop)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 28])
 def test_sampler_sigmas_equal_scheduler(steps):
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     scheduler.set_timesteps(steps)
-    np.testing.assert_array_equal(teacher.sampler_sigmas(steps), scheduler.sigmas.numpy())
+    np.testing.assert_array_equal(flow_matching.sampler_sigmas(steps), scheduler.sigmas.numpy())
 
 
 @pytest.mark.parametrize("strength,guidance", [(1.0, 4.0), (0.5, 4.0), (1.0, 1.0)])
@@ -180,7 +184,7 @@ def test_sampler_equals_scheduler_loop(release, setup, strength, guidance):
 
     prompts = tsd.Prompts(jnp.asarray(x["embeds"]), jnp.asarray(x["pooled"]))
     null = tsd.Prompts(jnp.asarray(x["null_embeds"]), jnp.asarray(x["null_pooled"]))
-    got = teacher.denoise(nets, model.params["transformer"], model.adapters["teacher"],
+    got = flow_matching.denoise(nets, model.params["transformer"], model.adapters["teacher"],
                           jnp.asarray(x["latents"]), jnp.asarray(x["noise"]), steps, strength,
                           prompts, null, guidance)
     assert rel_err(got, want) <= 1e-5

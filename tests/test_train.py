@@ -18,13 +18,17 @@ import train
 from configs import tiny
 from conftest import convert_release
 from convert.export import main as export_main
-from convert.layout import to_flax
-from tsdsr_jax import model_dir, stages, teacher, trainer, tsd
-from tsdsr_jax.adapters import STUDENT_TARGETS
-from tsdsr_jax.checkpoint import Checkpoints
+from tsdsr_jax.conversion.layout import to_flax
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training import stages
+from tsdsr_jax.training import flow_matching
+from tsdsr_jax.training import steps
+from tsdsr_jax.training import tsd
+from tsdsr_jax.models.targets import STUDENT_TARGETS
+from tsdsr_jax.training.checkpoint import Checkpoints
 from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.models import lora
-from tsdsr_jax.tree import flatten
+from tsdsr_jax.io.tree import flatten
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,23 +110,23 @@ def held_out_loss(config, adapter) -> float:
     noise, no caption dropout): the training loss without its sampling noise."""
     model = train.load_model(config)
     nets = stages.networks(model, config)
-    flow = teacher.FlowMatchingConfig(caption_dropout=0.0)
+    flow = flow_matching.FlowMatchingConfig(caption_dropout=0.0)
     null = model.embeddings["null"]
     batches = train.data_iterator(config, model)
     losses = []
     for i in range(3):  # the three photos of tests/data/train, in some order
         batch = next(batches)
-        latents = trainer.hr_latents(nets, model.params, jnp.asarray(batch["hr"]))
+        latents = steps.hr_latents(nets, model.params, jnp.asarray(batch["hr"]))
         latents = jnp.repeat(latents, 8, axis=0)
-        noise = teacher.FlowNoise(jnp.linspace(-2.5, 2.5, 8),
+        noise = flow_matching.FlowNoise(jnp.linspace(-2.5, 2.5, 8),
                                   jax.random.normal(jax.random.key(i), latents.shape),
                                   jnp.zeros(8, bool))
         prompts = tsd.Prompts(*(jnp.repeat(jnp.asarray(batch[k]), 8, axis=0)
                                 for k in ("prompt_embeds", "pooled_prompt_embeds")))
         empty = tsd.Prompts(*(jnp.broadcast_to(jnp.asarray(null[k]), (8, *null[k].shape))
                               for k in ("prompt_embeds", "pooled_prompt_embeds")))
-        loss, _ = teacher.flow_matching_loss(adapter, nets, model.params["transformer"], latents,
-                                             prompts, empty, noise, flow)
+        loss, _ = flow_matching.flow_matching_loss(adapter, nets, model.params["transformer"],
+                                                   latents, prompts, empty, noise, flow)
         losses.append(float(loss))
     return float(np.mean(losses))
 
@@ -142,11 +146,11 @@ def test_teacher_stage_learns_samples_exports_and_teaches(tmp_path):
     # the sampler: deterministic for a seed, another seed gives another sample
     model = train.load_model(config)
     nets = stages.networks(model, config)
-    frozen = trainer.Frozen(model.params, None, None, tsd.Prompts(
+    frozen = steps.Frozen(model.params, None, None, tsd.Prompts(
         *(jnp.asarray(model.embeddings["null"][k]) for k in ("prompt_embeds",
                                                             "pooled_prompt_embeds"))), None)
     batch = {k: jnp.asarray(v) for k, v in next(train.data_iterator(config, model)).items()}
-    teacher_state = trainer.TeacherState(*(state[k] for k in trainer.TeacherState._fields))
+    teacher_state = steps.TeacherState(*(state[k] for k in steps.TeacherState._fields))
     sample = lambda seed: np.asarray(jax.jit(functools.partial(  # noqa: E731
         stages.teacher_validation_image, nets, seed=seed, **config.sample))(
             teacher_state, frozen, batch))

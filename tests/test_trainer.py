@@ -9,19 +9,21 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
-from tsdsr_jax import model_dir, trainer, tsd
-from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training import steps
+from tsdsr_jax.training import tsd
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as jax_lpips
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.tree import flatten
+from tsdsr_jax.io.tree import flatten
 
 
 @pytest.mark.parametrize("name,cycles", [("constant_with_warmup", 0.5), ("cosine", 0.5),
                                          ("cosine_with_restarts", 3)])
 def test_schedules_equal_diffusers(name, cycles):
-    config = trainer.OptimConfig(learning_rate=5e-6, warmup_steps=30, total_steps=200,
+    config = steps.OptimConfig(learning_rate=5e-6, warmup_steps=30, total_steps=200,
                                  schedule=name, num_cycles=cycles)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-6)
     kwargs = {} if name == "constant_with_warmup" else {"num_training_steps": 200}
@@ -33,7 +35,7 @@ def test_schedules_equal_diffusers(name, cycles):
         want.append(ref.get_last_lr()[0])
         opt.step()
         ref.step()
-    got = [float(trainer.lr_schedule(config)(s)) for s in range(220)]
+    got = [float(steps.lr_schedule(config)(s)) for s in range(220)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
@@ -44,8 +46,8 @@ def test_adamw_with_clipping_equals_torch():
               "b": rng.standard_normal((5,)).astype(np.float32)}
     grads = [{k: (rng.standard_normal(v.shape) * 3).astype(np.float32) for k, v in params.items()}
              for _ in range(3)]
-    config = trainer.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10)
-    opt = trainer.optimizer(config)
+    config = steps.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10)
+    opt = steps.optimizer(config)
     ours, state = jax.tree_util.tree_map(jnp.asarray, params), None
     state = opt.init(ours)
     torch_params = [torch.tensor(params[k], requires_grad=True) for k in ("a", "b")]
@@ -75,12 +77,12 @@ def tiny_setup():
                lora.init_adapter(k[1], base["vae"], vae_encoder_targets(base["vae"]), 4))
     emb = model.embeddings["default"]
     prompts = tsd.Prompts(emb["prompt_embeds"], emb["pooled_prompt_embeds"])
-    frozen = trainer.Frozen(base, None, prompts, prompts, jax_lpips.init_params(k[2], "alex"))
-    opt = trainer.optimizer(trainer.OptimConfig(learning_rate=1e-3, warmup_steps=0,
+    frozen = steps.Frozen(base, None, prompts, prompts, jax_lpips.init_params(k[2], "alex"))
+    opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-3, warmup_steps=0,
                                                 total_steps=10))
-    state = trainer.init_state(jax.random.key(2), base, student, 4, opt, opt)
+    state = steps.init_state(jax.random.key(2), base, student, 4, opt, opt)
     config = tsd.TSDConfig(dasm_steps=2)
-    step = jax.jit(lambda s, f, b: trainer.train_step(s, f, b, nets, config, opt, opt))
+    step = jax.jit(lambda s, f, b: steps.train_step(s, f, b, nets, config, opt, opt))
     rng = np.random.default_rng(0)
     batch = {"lr": rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32),
              "hr": rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32),

@@ -21,12 +21,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import get_peft_model_state_dict
 
 from conftest import add_lora, convert_release, peft_grads, rel_err
-from convert.layout import to_flax, torch_name
-from tsdsr_jax import model_dir, tsd
+from tsdsr_jax.conversion.layout import to_flax, torch_name
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training import tsd
 from tsdsr_jax.models import lpips as jax_lpips
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.tree import flatten, nest
+from tsdsr_jax.io.tree import flatten, nest
 
 FAKE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
 B, SIDE = 2, 64  # two 64² images: 8² latents of the tiny VAE

@@ -12,8 +12,8 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from peft import LoraConfig, get_peft_model_state_dict
 
 from conftest import rel_err
-from convert.layout import match, to_flax
-from tsdsr_jax import tree
+from tsdsr_jax.conversion.layout import match, to_flax
+from tsdsr_jax.io import tree
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.vae import (AutoencoderKL, GroupNorm, NearestX2Conv, VAEConfig,
                                   abstract_params, init_params, sample_posterior)

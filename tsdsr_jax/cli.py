@@ -1,5 +1,5 @@
 """Command-line flags shared by the commands that build the inference network (infer.py and the
-fit check), and the :class:`~tsdsr_jax.pipeline.InferenceConfig` they give."""
+fit check), and the :class:`~tsdsr_jax.inference.pipeline.InferenceConfig` they give."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from tsdsr_jax.checks import SEEDS
-from tsdsr_jax.pipeline import PRECISIONS, InferenceConfig
+from tsdsr_jax.inference.pipeline import PRECISIONS, InferenceConfig
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from collections.abc import Callable  # noqa: E402
 from configs import tiny  # noqa: E402
 from tsdsr_jax.aot import programs  # noqa: E402
 from tsdsr_jax.aot.plan import gpu_devices  # noqa: E402
-from tsdsr_jax.pipeline import InferenceConfig  # noqa: E402
+from tsdsr_jax.inference.pipeline import InferenceConfig  # noqa: E402
 
 CARD = "h200"
 GPU_INFERENCE = InferenceConfig(precision="bf16", attention_impl="cudnn")

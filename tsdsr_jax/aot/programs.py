@@ -17,14 +17,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tsdsr_jax import model_dir, sharding, stages
-from tsdsr_jax.adapters import STUDENT_TARGETS
+from tsdsr_jax import sharding
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.training import stages
+from tsdsr_jax.models.targets import STUDENT_TARGETS
 from tsdsr_jax.aot.plan import Plan, compile_plan
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models import mmdit, vae
-from tsdsr_jax.pipeline import InferenceConfig, Pipeline, target_size
-from tsdsr_jax.safetensors_io import SafeTensors
+from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline, target_size
+from tsdsr_jax.io.safetensors import SafeTensors
 
 SD3_PROMPT_LEN = 333        # 77 CLIP + 256 T5 tokens
 TEACHER_RANK = 64           # the released teacher LoRA's
@@ -62,7 +64,7 @@ def model_shapes(model: str) -> tuple[mmdit.MMDiTConfig, vae.VAEConfig, int]:
 
 
 def abstract_model(model: str) -> model_dir.Model:
-    """``model``'s shapes as a :class:`~tsdsr_jax.model_dir.Model` of ``jax.ShapeDtypeStruct``
+    """``model``'s shapes as a :class:`~tsdsr_jax.io.model_dir.Model` of ``jax.ShapeDtypeStruct``
     leaves (float32 base, default and null prompts, no adapters)."""
     t_cfg, v_cfg, prompt_len = model_shapes(model)
     params = {"transformer": mmdit.abstract_params(t_cfg), "vae": vae.abstract_params(v_cfg)}

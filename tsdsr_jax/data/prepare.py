@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from tsdsr_jax import cli, model_dir
+from tsdsr_jax import cli
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.data import layout
 from tsdsr_jax.data.source import to_unit
 from tsdsr_jax.data.text import DEFAULT_PROMPT, encode_prompts, load_text_encoders
-from tsdsr_jax.images import ImageError, load_image
+from tsdsr_jax.io.images import ImageError, load_image
 from tsdsr_jax.models import vae as vae_lib
-from tsdsr_jax.safetensors_io import SafeTensors, save_arrays
+from tsdsr_jax.io.safetensors import SafeTensors, save_arrays
 
 PROMPTS = {"null": "", "default": DEFAULT_PROMPT}
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from tsdsr_jax.data import degrade as degrade_lib
 from tsdsr_jax.data.layout import DataError, Record
-from tsdsr_jax.images import ImageError, load_image
-from tsdsr_jax.safetensors_io import SafeTensors, SafetensorsError
+from tsdsr_jax.io.images import ImageError, load_image
+from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsdsr_jax.tree import nest
+from tsdsr_jax.io.tree import nest
 
 Dtype = Any
 PyTree = Any

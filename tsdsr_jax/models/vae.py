@@ -1,8 +1,8 @@
 """The SD3 VAE: diffusers' ``AutoencoderKL`` in Flax linen, NHWC.
 
-Module names are diffusers' (``encoder.down_blocks.0.resnets.1.conv1``, see :mod:`tsdsr_jax.tree`),
-so a diffusers state dict converts leaf by leaf. Every Conv/Dense takes a LoRA update from the
-``lora`` collection. ``encode``/``decode`` apply no scaling_factor/shift_factor; callers do::
+Module names are diffusers' (``encoder.down_blocks.0.resnets.1.conv1``, see
+:mod:`tsdsr_jax.io.tree`), so a diffusers state dict converts leaf by leaf. Every Conv/Dense takes
+a LoRA update from the ``lora`` collection. ``encode``/``decode`` apply no scaling_factor/shift_factor; callers do::
 
     vae = AutoencoderKL(config)
     mean, logvar = vae.apply({'params': params}, image, method='encode')
@@ -126,7 +126,8 @@ class GroupNorm(nn.Module):
     """torch ``GroupNorm`` over NHWC; statistics in float32, output in the input's dtype.
 
     ``stats``, a given ``(mean, var)`` pair shaped like :func:`group_moments`' result, replaces
-    the input's own statistics (the tiled VAE of :mod:`tsdsr_jax.tiling` passes global ones).
+    the input's own statistics (the tiled VAE of :mod:`tsdsr_jax.inference.tiling` passes global
+    ones).
     """
 
     num_groups: int

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tsdsr_jax.safetensors_io import save_file
+from tsdsr_jax.io.safetensors import save_file
 
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
                "lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}

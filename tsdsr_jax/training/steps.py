@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tsdsr_jax import teacher, tsd
+from tsdsr_jax.training import flow_matching
+from tsdsr_jax.training import tsd
 from tsdsr_jax.checks import in_range, one_of
-from tsdsr_jax.adapters import FAKE_SCORE_TARGETS, STUDENT_TARGETS
+from tsdsr_jax.models.targets import FAKE_SCORE_TARGETS, STUDENT_TARGETS
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.lpips import lpips
 
@@ -196,16 +197,16 @@ def init_teacher_state(rng: jax.Array, base: PyTree, adapter: PyTree | None, ran
 
 
 def teacher_step(state: TeacherState, frozen: Frozen, batch: dict[str, jax.Array],
-                 nets: tsd.Networks, config: teacher.FlowMatchingConfig,
+                 nets: tsd.Networks, config: flow_matching.FlowMatchingConfig,
                  opt: optax.GradientTransformation) -> tuple[TeacherState, dict[str, jax.Array]]:
     """One flow-matching step on the HR latents and captions of a batch (jit with ``nets``,
     ``config`` and ``opt`` static)."""
     latents = batch["latent_hr"] if "latent_hr" in batch else hr_latents(nets, frozen.base,
                                                                           batch["hr"])
     rng, step_rng = jax.random.split(state.rng)
-    noise = teacher.sample_noise(step_rng, latents.shape, config)
+    noise = flow_matching.sample_noise(step_rng, latents.shape, config)
     prompts = tsd.Prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"])
-    (loss, aux), grads = jax.value_and_grad(teacher.flow_matching_loss, has_aux=True)(
+    (loss, aux), grads = jax.value_and_grad(flow_matching.flow_matching_loss, has_aux=True)(
         state.teacher, nets, frozen.base["transformer"], latents, prompts,
         _batched(frozen.null, latents.shape[0]), noise, config)
     ok = _all_finite(loss, grads)

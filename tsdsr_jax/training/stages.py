@@ -2,7 +2,7 @@
 the validation image of TSD-SR (``tsd``) and of the teacher LoRA (``teacher``), built from a
 config and a model (real or abstract: :mod:`tsdsr_jax.aot` compiles them from shapes alone).
 
-train.py runs them; the objectives are in tsd.py and teacher.py, the steps in trainer.py.
+train.py runs them; the objectives are in tsd.py and flow_matching.py, the steps in steps.py.
 """
 
 from __future__ import annotations
@@ -16,14 +16,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tsdsr_jax import model_dir, schedule, sharding, teacher, trainer, tsd
-from tsdsr_jax.adapters import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax import sharding
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.diffusion import schedule
+from tsdsr_jax.training import flow_matching
+from tsdsr_jax.training import steps
+from tsdsr_jax.training import tsd
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.data.source import SampleSpec
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.pipeline import PRECISIONS
-from tsdsr_jax.train_config import ConfigError
+from tsdsr_jax.inference.pipeline import PRECISIONS
+from tsdsr_jax.training.run_config import ConfigError
 
 
 def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.Networks:
@@ -52,7 +57,7 @@ def initial_student(model: model_dir.Model, config: ml_collections.ConfigDict, r
 # --------------------------------------------------------------------------- validation
 
 
-def validation_image(nets: tsd.Networks, state: trainer.TrainState, frozen: trainer.Frozen,
+def validation_image(nets: tsd.Networks, state: steps.TrainState, frozen: steps.Frozen,
                      batch: dict[str, jax.Array]) -> jax.Array:
     """LR | SR | HR in [0, 1] for the first sample of a batch (the student, posterior mean)."""
     lr = batch["lr"][:1]
@@ -67,21 +72,21 @@ def validation_image(nets: tsd.Networks, state: trainer.TrainState, frozen: trai
     return jnp.concatenate(row, axis=1) * 0.5 + 0.5
 
 
-def teacher_validation_image(nets: tsd.Networks, state: trainer.TeacherState,
-                             frozen: trainer.Frozen, batch: dict[str, jax.Array], *,
+def teacher_validation_image(nets: tsd.Networks, state: steps.TeacherState,
+                             frozen: steps.Frozen, batch: dict[str, jax.Array], *,
                              num_steps: int, guidance_scale: float, strength: float, seed: int
                              ) -> jax.Array:
     """HR | HR noised to ``strength`` | the teacher's denoising of it | the teacher's sample
     from pure noise, for the first sample's caption (in [0, 1]; fixed noise from ``seed``)."""
     latents = (batch["latent_hr"][:1] if "latent_hr" in batch
-               else trainer.hr_latents(nets, frozen.base, batch["hr"][:1]))
+               else steps.hr_latents(nets, frozen.base, batch["hr"][:1]))
     noise = jax.random.normal(jax.random.key(seed), latents.shape)
     prompts = tsd.Prompts(batch["prompt_embeds"][:1], batch["pooled_prompt_embeds"][:1])
     null = tsd.Prompts(frozen.null.embeds[None], frozen.null.pooled[None])
-    run = functools.partial(teacher.denoise, nets, frozen.base["transformer"], state.teacher,
+    run = functools.partial(flow_matching.denoise, nets, frozen.base["transformer"], state.teacher,
                             latents, noise, num_steps, prompts=prompts, null=null,
                             guidance_scale=guidance_scale)
-    sigma = teacher.img2img_sigmas(num_steps, strength)[0]
+    sigma = flow_matching.img2img_sigmas(num_steps, strength)[0]
     noised = schedule.add_noise(latents, noise, jnp.full((1,), sigma))
     images = [decode(nets, frozen, z) for z in (noised, run(strength=strength),
                                                 run(strength=1.0))]
@@ -89,7 +94,7 @@ def teacher_validation_image(nets: tsd.Networks, state: trainer.TeacherState,
     return jnp.concatenate(row, axis=1) * 0.5 + 0.5
 
 
-def decode(nets: tsd.Networks, frozen: trainer.Frozen, latents: jax.Array) -> jax.Array:
+def decode(nets: tsd.Networks, frozen: steps.Frozen, latents: jax.Array) -> jax.Array:
     """``D(z / s)`` with the frozen decoder, float32."""
     x = nets.vae.apply({"params": frozen.base["vae"]},
                        (latents / nets.scaling_factor).astype(nets.vae.config.dtype),
@@ -114,24 +119,24 @@ def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: t
               rng: jax.Array) -> Stage:
     tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                   for k, v in config.tsd.items()})
-    opt_student = trainer.optimizer(trainer.OptimConfig(**config.optim_student))
-    opt_fake = trainer.optimizer(trainer.OptimConfig(**config.optim_fake_score))
-    state = trainer.init_state(rng, model.params, initial_student(model, config, rng),
+    opt_student = steps.optimizer(steps.OptimConfig(**config.optim_student))
+    opt_fake = steps.optimizer(steps.OptimConfig(**config.optim_fake_score))
+    state = steps.init_state(rng, model.params, initial_student(model, config, rng),
                                config.fake_score_rank, opt_student, opt_fake)
-    step = functools.partial(trainer.train_step, nets=nets, config=tsd_config,
+    step = functools.partial(steps.train_step, nets=nets, config=tsd_config,
                              opt_student=opt_student, opt_fake=opt_fake)
     return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"))
 
 
 def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
                   rng: jax.Array) -> Stage:
-    flow = teacher.FlowMatchingConfig(**config.flow)
-    opt = trainer.optimizer(trainer.OptimConfig(**config.optim_teacher))
+    flow = flow_matching.FlowMatchingConfig(**config.flow)
+    opt = steps.optimizer(steps.OptimConfig(**config.optim_teacher))
     if config.init_teacher == "model" and "teacher" not in model.adapters:
         raise ConfigError(f"init_teacher='model' but {config.model} has no teacher LoRA")
     adapter = model.adapters["teacher"] if config.init_teacher == "model" else None
-    state = trainer.init_teacher_state(rng, model.params, adapter, config.teacher_rank, opt)
-    step = functools.partial(trainer.teacher_step, nets=nets, config=flow, opt=opt)
+    state = steps.init_teacher_state(rng, model.params, adapter, config.teacher_rank, opt)
+    step = functools.partial(steps.teacher_step, nets=nets, config=flow, opt=opt)
     sample = config.sample.to_dict()
     validate = functools.partial(teacher_validation_image, nets, seed=config.seed, **sample)
     return Stage(state, step, validate, ("loss",))
@@ -139,19 +144,19 @@ def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, net
 
 def make_stage(config: ml_collections.ConfigDict, model: model_dir.Model) -> Stage:
     """The configured stage (``config.stage``) on ``model``, from ``config.seed``; the config
-    as :func:`tsdsr_jax.train_config.check` passes it."""
+    as :func:`tsdsr_jax.training.run_config.check` passes it."""
     build = tsd_stage if config.stage == "tsd" else teacher_stage
     return build(config, model, networks(model, config), jax.random.PRNGKey(config.seed))
 
 
 def frozen_inputs(config: ml_collections.ConfigDict, model: model_dir.Model,
-                  teacher_adapter: object, lpips_params: object) -> trainer.Frozen:
+                  teacher_adapter: object, lpips_params: object) -> steps.Frozen:
     """What every step reads, the base and LPIPS in the compute precision."""
     dtype = PRECISIONS[config.precision]
     cast = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)  # noqa: E731
     emb = {k: tsd.Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
            for k, v in model.embeddings.items()}
-    return trainer.Frozen(base=cast(model.params), teacher=teacher_adapter,
+    return steps.Frozen(base=cast(model.params), teacher=teacher_adapter,
                           default=emb.get("default"), null=emb["null"],
                           lpips=lpips_params and cast(lpips_params))
 
@@ -190,7 +195,7 @@ class Jitted(NamedTuple):
     frozen_shardings: object
 
 
-def jit_stage(stage: Stage, frozen: trainer.Frozen, mesh: jax.sharding.Mesh,
+def jit_stage(stage: Stage, frozen: steps.Frozen, mesh: jax.sharding.Mesh,
               shard_config: sharding.ShardingConfig) -> Jitted:
     """The frozen inputs split over ``fsdp``, the state as ``shard_config.adapters`` says, the
     batch over every device; ``frozen`` and ``stage.state`` may be abstract."""

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from convert.layout import ConversionError, OutputFile, plan_tree
-from tsdsr_jax import model_dir
+from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.models import mmdit, vae
-from tsdsr_jax.safetensors_io import SafetensorsError, open_weights
-from tsdsr_jax.tree import flatten
+from tsdsr_jax.io.safetensors import SafetensorsError, open_weights
+from tsdsr_jax.io.tree import flatten
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 

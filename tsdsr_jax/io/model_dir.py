@@ -29,8 +29,8 @@ import numpy as np
 from tsdsr_jax.models import lpips, mmdit, vae
 from tsdsr_jax.models.mmdit import MMDiTConfig
 from tsdsr_jax.models.vae import VAEConfig
-from tsdsr_jax.safetensors_io import SafeTensors, SafetensorsError
-from tsdsr_jax.tree import flatten, nest
+from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
+from tsdsr_jax.io.tree import flatten, nest
 
 FORMAT = "tsdsr-jax-model"
 VERSION = 1

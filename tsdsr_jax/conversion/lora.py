@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from convert.layout import ConversionError, OutputFile, plan_tree
-from tsdsr_jax import model_dir
+from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.models.lora import adapter_shapes
-from tsdsr_jax.safetensors_io import SafeTensors, SafetensorsError
+from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
 
 PREFIX = "transformer."
 

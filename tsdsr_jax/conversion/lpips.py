@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from convert.layout import ConversionError, OutputFile, plan_tree
-from tsdsr_jax import model_dir
+from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.models import lpips
-from tsdsr_jax.tree import flatten
+from tsdsr_jax.io.tree import flatten
 
 _FILE_PREFIX = {"alexnet": "alex", "vgg16": "vgg"}
 

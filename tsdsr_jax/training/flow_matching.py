@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax import schedule
+from tsdsr_jax.diffusion import schedule
 from tsdsr_jax.checks import in_range, one_of
-from tsdsr_jax.tsd import Networks, Prompts, guided_velocity, velocity
+from tsdsr_jax.training.tsd import Networks, Prompts, guided_velocity, velocity
 
 PyTree = Any
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")

@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from tsdsr_jax import colorfix, sharding, tiling
+from tsdsr_jax import sharding
+from tsdsr_jax.inference import colorfix
+from tsdsr_jax.inference import tiling
 from tsdsr_jax.checks import in_range, one_of
-from tsdsr_jax.model_dir import Model
+from tsdsr_jax.io.model_dir import Model
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL, sample_posterior
-from tsdsr_jax.resize import resize_bicubic
+from tsdsr_jax.inference.resize import resize_bicubic
 
 PRECISIONS = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 TIMESTEP = 1000.0  # the student's single step: σ = 1

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax import schedule
+from tsdsr_jax.diffusion import schedule
 from tsdsr_jax.checks import in_range, one_of
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL

@@ -18,11 +18,11 @@ from ml_collections import config_flags
 
 from tsdsr_jax.checks import SEEDS, build, in_range, one_of
 from tsdsr_jax.models.mmdit import ATTENTION_IMPLS
-from tsdsr_jax.pipeline import MULTIPLE, PRECISIONS
+from tsdsr_jax.inference.pipeline import MULTIPLE, PRECISIONS
 from tsdsr_jax.sharding import ShardingConfig
-from tsdsr_jax.teacher import FlowMatchingConfig
-from tsdsr_jax.trainer import OptimConfig
-from tsdsr_jax.tsd import TSDConfig
+from tsdsr_jax.training.flow_matching import FlowMatchingConfig
+from tsdsr_jax.training.steps import OptimConfig
+from tsdsr_jax.training.tsd import TSDConfig
 
 STAGES = ("tsd", "teacher")
 REMAT_POLICIES = ("none", "full", "dots")

@@ -1,8 +1,8 @@
 """Does it fit? The GPU compiler's memory plan of a training config or an inference size on a
 card, and the largest batch that fits, on any host (no GPU needed; `make .venv-gpu/.aot`):
 
-    python -m tsdsr_jax.fit --gpu rtx4090 --config configs/tsd.py [--config.key=value ...]
-    python -m tsdsr_jax.fit --gpu a100-40g --infer --size 4096 --vae-encoder-tile 1024 ...
+    python -m tsdsr_jax.aot.fit --gpu rtx4090 --config configs/tsd.py [--config.key=value ...]
+    python -m tsdsr_jax.aot.fit --gpu a100-40g --infer --size 4096 --vae-encoder-tile 1024 ...
 
 Training takes the config's model (its config.json only; SD3-medium's shapes when the folder is
 absent), its mesh over ``--gpus`` GPUs and ``batch_size`` as the global batch. Inference takes
@@ -24,17 +24,20 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from tsdsr_jax import cli, model_dir, stages, train_config  # noqa: E402
+from tsdsr_jax import cli  # noqa: E402
+from tsdsr_jax.io import model_dir  # noqa: E402
+from tsdsr_jax.training import stages  # noqa: E402
+from tsdsr_jax.training import run_config  # noqa: E402
 from tsdsr_jax.aot import programs  # noqa: E402
 from tsdsr_jax.aot.cards import CARDS, GIB  # noqa: E402
 from tsdsr_jax.aot.plan import NoGPUCompiler, Plan, gpu_devices  # noqa: E402
-from tsdsr_jax.train_config import ConfigError  # noqa: E402
+from tsdsr_jax.training.run_config import ConfigError  # noqa: E402
 
 MAX_BATCH = 4096
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = cli.ArgumentParser(prog="python -m tsdsr_jax.fit",
+    p = cli.ArgumentParser(prog="python -m tsdsr_jax.aot.fit",
                            description=__doc__.split("\n")[0])
     p.add_argument("--gpu", required=True, choices=sorted(CARDS))
     p.add_argument("--gpus", type=int, default=1, help="GPUs on one host (training's mesh)")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.infer:
             compile_at, given, what = inference_runner(args, devices)
         else:
-            compile_at, given, what = training_runner(train_config.read(rest), devices)
+            compile_at, given, what = training_runner(run_config.read(rest), devices)
         print(f"{card.description}: {card.memory_bytes / GIB:.1f} GiB, JAX takes "
               f"{args.mem_fraction:.0%} = {budget / GIB:.1f} GiB. {what}")
         plans = {given: compile_at(given)}

@@ -1,0 +1,1 @@
+"""Scoring super-resolved images against references (PSNR, SSIM, LPIPS)."""

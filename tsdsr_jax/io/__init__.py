@@ -1,0 +1,1 @@
+"""Files: model directories, safetensors, nested parameter trees and images."""
