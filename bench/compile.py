@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
-from configs import tiny, tsd, teacher  # noqa: E402
+from configs import teacher, tiny, tsd  # noqa: E402
 from tsdsr_jax.aot import programs  # noqa: E402
 from tsdsr_jax.aot.cards import GIB  # noqa: E402
 from tsdsr_jax.aot.plan import gpu_devices  # noqa: E402

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.data.batches import DataConfig, train_batches
+from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.io.safetensors import save_arrays
 
 PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "data"

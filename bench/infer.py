@@ -16,9 +16,9 @@ import time
 import jax
 import numpy as np
 
+from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.models import mmdit, vae
-from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
 
 FULL = [  # (case, batch, LR side, pipeline options)
     ("512² b1", 1, 128, {}),

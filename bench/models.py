@@ -23,8 +23,8 @@ from diffusers import AutoencoderKL as TorchVAE
 from diffusers import SD3Transformer2DModel
 
 from tsdsr_jax.conversion.layout import to_flax, torch_name
-from tsdsr_jax.models import mmdit, vae
 from tsdsr_jax.io.tree import flatten, nest
+from tsdsr_jax.models import mmdit, vae
 
 TINY_MMDIT = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,

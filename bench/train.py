@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax.training import steps
-from tsdsr_jax.training import tsd
-from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.diffusion.denoiser import Networks, Prompts
 from tsdsr_jax.io.model_dir import TINY_TRANSFORMER, TINY_VAE
 from tsdsr_jax.models import lora, mmdit, vae
 from tsdsr_jax.models import lpips as lpips_model
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.training import optim, steps, tsd
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "baseline_train_torch.py"
 
@@ -48,7 +48,7 @@ def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract:
     t_cfg = TINY_TRANSFORMER if tiny else mmdit.MMDiTConfig.sd3_medium()
     t_cfg = dataclasses.replace(t_cfg, dtype=dtype, attention_impl=attention, remat_policy=remat)
     v_cfg = dataclasses.replace(TINY_VAE if tiny else vae.VAEConfig.sd3(), dtype=dtype)
-    nets = tsd.Networks(mmdit.MMDiT(t_cfg), vae.AutoencoderKL(v_cfg), v_cfg.scaling_factor)
+    nets = Networks(mmdit.MMDiT(t_cfg), vae.AutoencoderKL(v_cfg))
     prompt_len = 8 if tiny else 333
     k = jax.random.split(jax.random.PRNGKey(0), 8)
 
@@ -57,7 +57,7 @@ def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract:
         cast = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)  # noqa: E731
         base = {"transformer": cast(mmdit.init_params(k[0], t_cfg)),
                 "vae": cast(vae.init_params(k[1], v_cfg))}
-        prompts = lambda key: tsd.Prompts(  # noqa: E731
+        prompts = lambda key: Prompts(  # noqa: E731
             jax.random.normal(key, (prompt_len, t_cfg.joint_attention_dim)),
             jax.random.normal(key, (t_cfg.pooled_projection_dim,)))
         teacher = lora.init_adapter(k[2], base["transformer"], STUDENT_TARGETS, 64)
@@ -71,7 +71,7 @@ def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract:
     return nets, frozen, student, prompt_len
 
 
-def batch_of(b: int, side: int, prompt_len: int, nets: tsd.Networks, abstract: bool = False
+def batch_of(b: int, side: int, prompt_len: int, nets: Networks, abstract: bool = False
              ) -> dict[str, jax.Array]:
     rng = np.random.default_rng(0)
     t = nets.mmdit.config
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace, b: int, n: int) -> dict[str, float | None]:
     remat = None if args.remat == "none" else args.remat
     nets, frozen, student, prompt_len = build(args.tiny, dtype, "cudnn" if gpu else None, remat,
                                               abstract=args.compile_only)
-    opt = steps.optimizer(steps.OptimConfig(learning_rate=5e-6))
-    fake_opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-6))
+    opt = optim.optimizer(optim.OptimConfig(learning_rate=5e-6))
+    fake_opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-6))
     init = functools.partial(steps.init_state, jax.random.PRNGKey(1), opt_student=opt,
                              opt_fake=fake_opt, fake_rank=64)
     state = (jax.eval_shape(init, frozen.base, student) if args.compile_only

@@ -1,7 +1,7 @@
 """A tiny random model on the bundled photos: the whole training loop on a laptop CPU in minutes.
 
-    python train.py --config configs/tiny.py --config.workdir=workdirs/tiny
-    python train.py --config configs/tiny.py:teacher --config.workdir=workdirs/tiny-teacher
+    tsdsr-train --config configs/tiny.py --config.workdir=workdirs/tiny
+    tsdsr-train --config configs/tiny.py:teacher --config.workdir=workdirs/tiny-teacher
 
 The first trains TSD-SR (configs/tsd.py), the second the teacher LoRA (configs/teacher.py).
 Nothing here is a real model; it checks the machinery (losses fall, checkpoints resume exactly).

@@ -17,16 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsdsr_jax import sharding
+from tsdsr_jax.diffusion.denoiser import Networks, Prompts
+from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.training import steps
-from tsdsr_jax.training import tsd
-from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
-from tsdsr_jax.training.checkpoint import Checkpoints
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import MMDiT
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
+from tsdsr_jax.training import optim, steps, tsd
+from tsdsr_jax.training.checkpoint import Checkpoints
 
 jax.config.update("jax_default_matmul_precision", "highest")
 B, SIDE, STEPS = 8, 32, 2
@@ -35,14 +35,13 @@ MESHES = ((8, 1), (4, 2), (1, 8))
 
 def setup():
     model = model_dir.tiny()
-    nets = tsd.Networks(MMDiT(model.transformer_config), AutoencoderKL(model.vae_config),
-                        model.vae_config.scaling_factor)
+    nets = Networks(MMDiT(model.transformer_config), AutoencoderKL(model.vae_config))
     emb = model.embeddings["default"]
-    prompts = tsd.Prompts(emb["prompt_embeds"], emb["pooled_prompt_embeds"])
-    null = tsd.Prompts(jnp.zeros_like(prompts.embeds), jnp.zeros_like(prompts.pooled))
+    prompts = Prompts(emb["prompt_embeds"], emb["pooled_prompt_embeds"])
+    null = Prompts(jnp.zeros_like(prompts.embeds), jnp.zeros_like(prompts.pooled))
     frozen = steps.Frozen(model.params, None, prompts, null,
                             lpips_model.init_params(jax.random.key(1), "alex"))
-    opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-3, warmup_steps=1))
+    opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_steps=1))
     k = jax.random.split(jax.random.PRNGKey(2), 3)  # raw keys, as train.py
     student = (lora.init_adapter(k[0], model.params["transformer"], STUDENT_TARGETS, 4),
                lora.init_adapter(k[1], model.params["vae"], vae_encoder_targets(model.params["vae"]),

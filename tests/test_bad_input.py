@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import infer
-import train
+from tsdsr_jax.inference.command import main as infer_main
+from tsdsr_jax.training.command import main as train_main
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -99,7 +99,7 @@ def check_outcome(code: int, err: str, out: Path) -> None:
 @example(flags=GOOD_INFER_FLAGS)
 def test_infer_flags(photos, tmp_path_factory, flags):
     out = tmp_path_factory.mktemp("out") / "sr"
-    code, err = call(infer.main, ["--model", "tiny", "-i", str(photos), "-o", str(out),
+    code, err = call(infer_main, ["--model", "tiny", "-i", str(photos), "-o", str(out),
                                   "--cache-dir", str(out.parent / "cache"), *flags])
     check_outcome(code, err, out)
     assert code == 0 or flags != GOOD_INFER_FLAGS, err
@@ -153,7 +153,7 @@ TRAIN_OVERRIDES = st.tuples(
 @example(overrides=GOOD_OVERRIDES)
 def test_train_config_overrides(tmp_path_factory, overrides):
     workdir = tmp_path_factory.mktemp("run") / "workdir"
-    code, err = call(train.main, ["--config", "configs/tiny.py", f"--config.workdir={workdir}",
+    code, err = call(train_main, ["--config", "configs/tiny.py", f"--config.workdir={workdir}",
                                   "--config.total_steps=1", "--config.log_every=1",
                                   "--config.validate_every=1000", *overrides])
     assert code in (0, 2), (code, err)
@@ -176,7 +176,7 @@ def test_train_config_overrides(tmp_path_factory, overrides):
     (["--devices", "1000"], "--batch-size 1 is not a multiple of --devices 1000"),
 ])
 def test_infer_names_the_flag(photos, tmp_path, flags, needle):
-    code, err = call(infer.main, ["--model", "tiny", "-i", str(photos), "-o",
+    code, err = call(infer_main, ["--model", "tiny", "-i", str(photos), "-o",
                                   str(tmp_path / "out"), *flags])
     assert code == 2 and needle in err, err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
@@ -194,7 +194,7 @@ def test_infer_names_the_flag(photos, tmp_path, flags, needle):
     ("tsd.lambda_vsd=nan", "config.tsd.lambda_vsd=nan: must be a finite number"),
 ])
 def test_train_names_the_key(tmp_path, override, needle):
-    code, err = call(train.main, ["--config", "configs/tiny.py",
+    code, err = call(train_main, ["--config", "configs/tiny.py",
                                   f"--config.workdir={tmp_path / 'run'}", f"--config.{override}"])
     assert code == 2 and needle in err, err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from tsdsr_jax.training import steps
+from tsdsr_jax.training import optim, steps
 from tsdsr_jax.training.checkpoint import CheckpointError, Checkpoints
 
 
@@ -22,7 +22,7 @@ def make_state(seed: int) -> steps.TrainState:
                                         "lora_B": jnp.zeros((1, 1, 2, 4))}}})
     fake = {"transformer_blocks.0": {"attn": {"to_q": {"lora_A": jnp.ones((8, 2)),
                                                        "lora_B": jnp.zeros((2, 8))}}}}
-    opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-4))
+    opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-4))
     state = steps.TrainState(jnp.asarray(seed, jnp.int32), student, fake, opt.init(student),
                                opt.init(fake), jnp.asarray([seed, 0], jnp.int32),
                                jax.random.PRNGKey(seed))

@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tsdsr_jax.inference.colorfix import (COLOR_FIXES, adain_color_fix, pil_upscale,
-                                          wavelet_color_fix)
+from tsdsr_jax.inference.colorfix import (
+    COLOR_FIXES,
+    adain_color_fix,
+    pil_upscale,
+    wavelet_color_fix,
+)
 
 DATA = Path(__file__).parent / "data"
 adain = jax.jit(adain_color_fix)

@@ -16,13 +16,13 @@ from diffusers import StableDiffusion3Pipeline
 from peft import set_peft_model_state_dict
 
 from conftest import convert_release, rel_err
-from convert.__main__ import main as convert_main
-from convert.export import main as export_main
+from tsdsr_jax.conversion.command import main as convert_main
+from tsdsr_jax.conversion.export import main as export_main
 from tsdsr_jax.io import model_dir
+from tsdsr_jax.io.safetensors import SafeTensors
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.io.safetensors import SafeTensors
 
 
 def torch_transformer(release, adapter, latents_nchw, timestep):

@@ -21,15 +21,15 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from tsdsr_jax.io import model_dir
 from tsdsr_jax.data import prepare
 from tsdsr_jax.data.batches import DataConfig, train_batches
 from tsdsr_jax.data.source import SampleSpec, to_unit
 from tsdsr_jax.data.text import encode_prompts, load_text_encoders
-from tsdsr_jax.models import mmdit
-from tsdsr_jax.models import vae as vae_lib
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.safetensors import SafeTensors, save_arrays
 from tsdsr_jax.io.tree import flatten
+from tsdsr_jax.models import mmdit
+from tsdsr_jax.models import vae as vae_lib
 
 WORDS = ["a", "photo", "of", "cat", "dog", "high", "quality", "detailed", "sharp"]
 CAPTIONS = ["a photo of a cat", "high quality, detailed dog photo!", ""]

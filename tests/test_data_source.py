@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tsdsr_jax.data.batches import DataConfig, ProcessBatches, train_batches
 from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.data.layout import DataError, scan
-from tsdsr_jax.data.batches import DataConfig, ProcessBatches, train_batches
 from tsdsr_jax.data.source import SampleSpec, load_sample
 from tsdsr_jax.io.safetensors import save_arrays
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageFilter
 from test_lpips import reference, save_backbone
 
-from tsdsr_jax.io import model_dir
 from tsdsr_jax.evaluation.evaluate import COLUMNS, main
+from tsdsr_jax.io import model_dir
 
 DATA = Path(__file__).parent / "data"
 

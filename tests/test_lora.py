@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from tsdsr_jax.conversion.layout import to_flax, torch_name
-from tsdsr_jax.models import lora
 from tsdsr_jax.io.tree import flatten, nest
+from tsdsr_jax.models import lora
 
 
 class TorchNet(torch.nn.Module):

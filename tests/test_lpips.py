@@ -17,12 +17,12 @@ import torchvision
 from PIL import Image, ImageFilter
 
 from conftest import rel_err
-from convert.__main__ import main as convert_main
+from tsdsr_jax.conversion.command import main as convert_main
 from tsdsr_jax.conversion.layout import ConversionError
 from tsdsr_jax.conversion.lpips import plan_lpips
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.models.lpips import lpips
 from tsdsr_jax.io.tree import flatten, nest
+from tsdsr_jax.models.lpips import lpips
 
 DATA = Path(__file__).parent / "data"
 SIZE = (64, 48)  # W, H

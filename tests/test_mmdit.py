@@ -13,11 +13,17 @@ from diffusers import SD3Transformer2DModel
 
 from conftest import rel_err
 from tsdsr_jax.conversion.layout import match, to_flax
-from tsdsr_jax.models import lora
-from tsdsr_jax.models import mmdit
-from tsdsr_jax.models.mmdit import (MMDiT, MMDiTConfig, abstract_params, dot_product_attention,
-                                    init_params, pos_embed_axes, timestep_embedding)
 from tsdsr_jax.io.tree import flatten, nest
+from tsdsr_jax.models import lora, mmdit
+from tsdsr_jax.models.mmdit import (
+    MMDiT,
+    MMDiTConfig,
+    abstract_params,
+    dot_product_attention,
+    init_params,
+    pos_embed_axes,
+    timestep_embedding,
+)
 
 TOL = 1e-5
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",

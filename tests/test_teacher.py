@@ -18,12 +18,13 @@ from diffusers.training_utils import (
 )
 
 from conftest import convert_release, peft_grads, rel_err
+from tsdsr_jax.diffusion import sampling, schedule
+from tsdsr_jax.diffusion.denoiser import Networks, Prompts
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.training import flow_matching
-from tsdsr_jax.training import tsd
+from tsdsr_jax.io.tree import flatten
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.io.tree import flatten
+from tsdsr_jax.training import flow_matching
 
 B, LATENT = 3, (8, 8, 4)
 
@@ -32,8 +33,8 @@ B, LATENT = 3, (8, 8, 4)
 def setup(release, tmp_path_factory):
     model = model_dir.load(convert_release(release, tmp_path_factory.mktemp("teacher") / "model",
                                            "teacher", "null"))
-    nets = tsd.Networks(MMDiT(dataclasses.replace(model.transformer_config, attention_impl="xla")),
-                        AutoencoderKL(model.vae_config), model.vae_config.scaling_factor)
+    nets = Networks(MMDiT(dataclasses.replace(model.transformer_config, attention_impl="xla")),
+                        AutoencoderKL(model.vae_config))
     yield model, nets
     release.transformer.enable_adapters()
     release.transformer.set_adapter("default")
@@ -60,15 +61,13 @@ def density_draw(scheme: str, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", flow_matching.WEIGHTING_SCHEMES)
 def test_density_and_weighting_equal_diffusers(scheme):
-    config = flow_matching.FlowMatchingConfig(weighting_scheme=scheme, logit_mean=0.3,
-                                              logit_std=1.2)
     want = compute_density_for_timestep_sampling(scheme, B, logit_mean=0.3, logit_std=1.2,
                                                  mode_scale=1.29,
                                                  generator=torch.Generator().manual_seed(5))
-    got = flow_matching.timestep_density(jnp.asarray(density_draw(scheme, 5).numpy()), config)
+    got = schedule.timestep_density(jnp.asarray(density_draw(scheme, 5).numpy()), scheme, 1.29)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
     sigmas = torch.tensor([0.003, 0.2, 0.5, 0.9, 1.0])
-    np.testing.assert_allclose(flow_matching.loss_weighting(jnp.asarray(sigmas.numpy()), config),
+    np.testing.assert_allclose(schedule.loss_weighting(jnp.asarray(sigmas.numpy()), scheme),
                                compute_loss_weighting_for_sd3(scheme, sigmas).numpy(), rtol=1e-6)
 
 
@@ -120,8 +119,8 @@ def test_loss_and_gradients_equal_diffusers_recipe(release, setup, scheme, preco
 
     noise = flow_matching.FlowNoise(jnp.asarray(density_draw(scheme, 7).numpy()),
                               jnp.asarray(x["noise"]), jnp.asarray(drop))
-    prompts = tsd.Prompts(jnp.asarray(x["embeds"]), jnp.asarray(x["pooled"]))
-    null = tsd.Prompts(jnp.asarray(x["null_embeds"]), jnp.asarray(x["null_pooled"]))
+    prompts = Prompts(jnp.asarray(x["embeds"]), jnp.asarray(x["pooled"]))
+    null = Prompts(jnp.asarray(x["null_embeds"]), jnp.asarray(x["null_pooled"]))
     (loss, _), grads = jax.value_and_grad(flow_matching.flow_matching_loss, has_aux=True)(
         model.adapters["teacher"], nets, model.params["transformer"], jnp.asarray(x["latents"]),
         prompts, null, noise, config)
@@ -148,7 +147,7 @@ def test_caption_dropout_rate():
 def test_sampler_sigmas_equal_scheduler(steps):
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     scheduler.set_timesteps(steps)
-    np.testing.assert_array_equal(flow_matching.sampler_sigmas(steps), scheduler.sigmas.numpy())
+    np.testing.assert_array_equal(sampling.sampler_sigmas(steps), scheduler.sigmas.numpy())
 
 
 @pytest.mark.parametrize("strength,guidance", [(1.0, 4.0), (0.5, 4.0), (1.0, 1.0)])
@@ -182,9 +181,9 @@ def test_sampler_equals_scheduler_loop(release, setup, strength, guidance):
             latents = scheduler.step(v, t, latents).prev_sample
     want = latents.permute(0, 2, 3, 1).numpy()
 
-    prompts = tsd.Prompts(jnp.asarray(x["embeds"]), jnp.asarray(x["pooled"]))
-    null = tsd.Prompts(jnp.asarray(x["null_embeds"]), jnp.asarray(x["null_pooled"]))
-    got = flow_matching.denoise(nets, model.params["transformer"], model.adapters["teacher"],
+    prompts = Prompts(jnp.asarray(x["embeds"]), jnp.asarray(x["pooled"]))
+    null = Prompts(jnp.asarray(x["null_embeds"]), jnp.asarray(x["null_pooled"]))
+    got = sampling.denoise(nets, model.params["transformer"], model.adapters["teacher"],
                           jnp.asarray(x["latents"]), jnp.asarray(x["noise"]), steps, strength,
                           prompts, null, guidance)
     assert rel_err(got, want) <= 1e-5

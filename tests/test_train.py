@@ -14,21 +14,18 @@ import pytest
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, set_peft_model_state_dict
 
-import train
 from configs import tiny
 from conftest import convert_release
-from convert.export import main as export_main
+from tsdsr_jax.conversion.export import main as export_main
 from tsdsr_jax.conversion.layout import to_flax
-from tsdsr_jax.io import model_dir
-from tsdsr_jax.training import stages
-from tsdsr_jax.training import flow_matching
-from tsdsr_jax.training import steps
-from tsdsr_jax.training import tsd
-from tsdsr_jax.models.targets import STUDENT_TARGETS
-from tsdsr_jax.training.checkpoint import Checkpoints
 from tsdsr_jax.data.layout import DataError
-from tsdsr_jax.models import lora
+from tsdsr_jax.diffusion.denoiser import Prompts
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.tree import flatten
+from tsdsr_jax.models import lora
+from tsdsr_jax.models.targets import STUDENT_TARGETS
+from tsdsr_jax.training import flow_matching, loop, stages, steps
+from tsdsr_jax.training.checkpoint import Checkpoints
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,7 +42,7 @@ def run(workdir, total_steps, stage="tsd", **overrides):
     config.unlock()
     config.workdir, config.total_steps = str(workdir), total_steps
     config.update(dict(log_every=1, validate_every=60, checkpoint_every=60, **overrides))
-    train.train(config)
+    loop.train(config)
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -76,7 +73,7 @@ def test_losses_fall_and_resume_is_exact(tmp_path):
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
-    check_export(tmp_path / "resumed" / "checkpoints", a["student"][0], tmp_path / "official",
+    check_export(tmp_path / "resumed" / "checkpoints", a["student"]["transformer"], tmp_path / "official",
                  {"transformer.safetensors", "vae.safetensors", "transformer_reg.safetensors"},
                  "transformer.safetensors")
 
@@ -108,11 +105,11 @@ def check_export(checkpoints, adapter, out, files, weight_name):
 def held_out_loss(config, adapter) -> float:
     """The flow-matching loss of ``adapter`` on every training photo at eight fixed σ (fixed
     noise, no caption dropout): the training loss without its sampling noise."""
-    model = train.load_model(config)
+    model = loop.load_model(config)
     nets = stages.networks(model, config)
     flow = flow_matching.FlowMatchingConfig(caption_dropout=0.0)
     null = model.embeddings["null"]
-    batches = train.data_iterator(config, model)
+    batches = loop.data_iterator(config, model)
     losses = []
     for i in range(3):  # the three photos of tests/data/train, in some order
         batch = next(batches)
@@ -121,9 +118,9 @@ def held_out_loss(config, adapter) -> float:
         noise = flow_matching.FlowNoise(jnp.linspace(-2.5, 2.5, 8),
                                   jax.random.normal(jax.random.key(i), latents.shape),
                                   jnp.zeros(8, bool))
-        prompts = tsd.Prompts(*(jnp.repeat(jnp.asarray(batch[k]), 8, axis=0)
+        prompts = Prompts(*(jnp.repeat(jnp.asarray(batch[k]), 8, axis=0)
                                 for k in ("prompt_embeds", "pooled_prompt_embeds")))
-        empty = tsd.Prompts(*(jnp.broadcast_to(jnp.asarray(null[k]), (8, *null[k].shape))
+        empty = Prompts(*(jnp.broadcast_to(jnp.asarray(null[k]), (8, *null[k].shape))
                               for k in ("prompt_embeds", "pooled_prompt_embeds")))
         loss, _ = flow_matching.flow_matching_loss(adapter, nets, model.params["transformer"],
                                                    latents, prompts, empty, noise, flow)
@@ -144,12 +141,12 @@ def test_teacher_stage_learns_samples_exports_and_teaches(tmp_path):
     assert (tmp_path / "teacher" / "validation" / "step_0000060.png").is_file()
 
     # the sampler: deterministic for a seed, another seed gives another sample
-    model = train.load_model(config)
+    model = loop.load_model(config)
     nets = stages.networks(model, config)
-    frozen = steps.Frozen(model.params, None, None, tsd.Prompts(
+    frozen = steps.Frozen(model.params, None, None, Prompts(
         *(jnp.asarray(model.embeddings["null"][k]) for k in ("prompt_embeds",
                                                             "pooled_prompt_embeds"))), None)
-    batch = {k: jnp.asarray(v) for k, v in next(train.data_iterator(config, model)).items()}
+    batch = {k: jnp.asarray(v) for k, v in next(loop.data_iterator(config, model)).items()}
     teacher_state = steps.TeacherState(*(state[k] for k in steps.TeacherState._fields))
     sample = lambda seed: np.asarray(jax.jit(functools.partial(  # noqa: E731
         stages.teacher_validation_image, nets, seed=seed, **config.sample))(
@@ -164,19 +161,19 @@ def test_teacher_stage_learns_samples_exports_and_teaches(tmp_path):
     check_export(checkpoints, state["teacher"], tmp_path / "official", {"teacher.safetensors"},
                  "teacher.safetensors")
     tsd_config = tiny_config(teacher=str(checkpoints))
-    loaded = train.load_teacher(tsd_config, model_dir.tiny())
+    loaded = loop.load_teacher(tsd_config, model_dir.tiny())
     for path, value in flatten(state["teacher"]).items():
         np.testing.assert_array_equal(flatten(loaded)[path], value)
 
 
 def test_teacher_that_is_not_a_teacher_run_is_refused(tmp_path):
-    with pytest.raises(train.ConfigError, match="teacher run's checkpoints folder"):
-        train.load_teacher(tiny_config(teacher=str(tmp_path / "nothing")), model_dir.tiny())
+    with pytest.raises(loop.ConfigError, match="teacher run's checkpoints folder"):
+        loop.load_teacher(tiny_config(teacher=str(tmp_path / "nothing")), model_dir.tiny())
     checkpoints = Checkpoints(tmp_path / "tsd")
     checkpoints.save(1, {"student": {"a": np.zeros(2)}})
     checkpoints.close()
-    with pytest.raises(train.ConfigError, match="not a teacher run"):
-        train.load_teacher(tiny_config(teacher=str(tmp_path / "tsd")), model_dir.tiny())
+    with pytest.raises(loop.ConfigError, match="not a teacher run"):
+        loop.load_teacher(tiny_config(teacher=str(tmp_path / "tsd")), model_dir.tiny())
 
 
 # ------------------------------------------------------------------ errors before compiling
@@ -208,8 +205,8 @@ def incomplete_model(release, tmp_path_factory):
 @pytest.mark.parametrize("teacher,needle", [("lora", "no teacher LoRA"), ("sd3", "LPIPS")])
 def test_incomplete_model_is_refused(incomplete_model, tmp_path, teacher, needle):
     config = tiny_config(model=str(incomplete_model), teacher=teacher, workdir=str(tmp_path))
-    with pytest.raises(train.ConfigError, match=needle):
-        train.train(config)
+    with pytest.raises(loop.ConfigError, match=needle):
+        loop.train(config)
 
 
 def test_teacher_stage_needs_the_null_prompt(release, tmp_path):
@@ -217,8 +214,8 @@ def test_teacher_stage_needs_the_null_prompt(release, tmp_path):
     config = tiny.get_config("teacher")
     config.unlock()
     config.update(dict(model=str(model), workdir=str(tmp_path / "run")))
-    with pytest.raises(train.ConfigError, match="null-prompt embeddings"):
-        train.train(config)
+    with pytest.raises(loop.ConfigError, match="null-prompt embeddings"):
+        loop.train(config)
 
 
 def test_dataset_that_does_not_match_is_refused(tmp_path):
@@ -227,4 +224,4 @@ def test_dataset_that_does_not_match_is_refused(tmp_path):
     config = tiny_config(workdir=str(tmp_path / "run"))
     config.data.roots = (str(tmp_path / "data"),)
     with pytest.raises(DataError, match="prompt_embeds/a"):
-        train.train(config)
+        loop.train(config)

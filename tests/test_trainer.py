@@ -9,21 +9,21 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
+from tsdsr_jax.diffusion.denoiser import Networks, Prompts, StudentAdapters
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.training import steps
-from tsdsr_jax.training import tsd
-from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
+from tsdsr_jax.io.tree import flatten
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as jax_lpips
 from tsdsr_jax.models.mmdit import MMDiT
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.io.tree import flatten
+from tsdsr_jax.training import optim, steps, tsd
 
 
 @pytest.mark.parametrize("name,cycles", [("constant_with_warmup", 0.5), ("cosine", 0.5),
                                          ("cosine_with_restarts", 3)])
 def test_schedules_equal_diffusers(name, cycles):
-    config = steps.OptimConfig(learning_rate=5e-6, warmup_steps=30, total_steps=200,
+    config = optim.OptimConfig(learning_rate=5e-6, warmup_steps=30, total_steps=200,
                                  schedule=name, num_cycles=cycles)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-6)
     kwargs = {} if name == "constant_with_warmup" else {"num_training_steps": 200}
@@ -35,7 +35,7 @@ def test_schedules_equal_diffusers(name, cycles):
         want.append(ref.get_last_lr()[0])
         opt.step()
         ref.step()
-    got = [float(steps.lr_schedule(config)(s)) for s in range(220)]
+    got = [float(optim.lr_schedule(config)(s)) for s in range(220)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
@@ -46,8 +46,8 @@ def test_adamw_with_clipping_equals_torch():
               "b": rng.standard_normal((5,)).astype(np.float32)}
     grads = [{k: (rng.standard_normal(v.shape) * 3).astype(np.float32) for k, v in params.items()}
              for _ in range(3)]
-    config = steps.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10)
-    opt = steps.optimizer(config)
+    config = optim.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10)
+    opt = optim.optimizer(config)
     ours, state = jax.tree_util.tree_map(jnp.asarray, params), None
     state = opt.init(ours)
     torch_params = [torch.tensor(params[k], requires_grad=True) for k in ("a", "b")]
@@ -69,17 +69,17 @@ def test_adamw_with_clipping_equals_torch():
 @pytest.fixture(scope="module")
 def tiny_setup():
     model = model_dir.tiny()
-    nets = tsd.Networks(MMDiT(model.transformer_config), AutoencoderKL(model.vae_config),
-                        model.vae_config.scaling_factor)
+    nets = Networks(MMDiT(model.transformer_config), AutoencoderKL(model.vae_config))
     base = model.params
     k = jax.random.split(jax.random.key(1), 3)
-    student = (lora.init_adapter(k[0], base["transformer"], STUDENT_TARGETS, 4),
-               lora.init_adapter(k[1], base["vae"], vae_encoder_targets(base["vae"]), 4))
+    student = StudentAdapters(
+        lora.init_adapter(k[0], base["transformer"], STUDENT_TARGETS, 4),
+        lora.init_adapter(k[1], base["vae"], vae_encoder_targets(base["vae"]), 4))
     emb = model.embeddings["default"]
-    prompts = tsd.Prompts(emb["prompt_embeds"], emb["pooled_prompt_embeds"])
+    prompts = Prompts(emb["prompt_embeds"], emb["pooled_prompt_embeds"])
     frozen = steps.Frozen(base, None, prompts, prompts, jax_lpips.init_params(k[2], "alex"))
-    opt = steps.optimizer(steps.OptimConfig(learning_rate=1e-3, warmup_steps=0,
-                                                total_steps=10))
+    opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_steps=0,
+                                       total_steps=10))
     state = steps.init_state(jax.random.key(2), base, student, 4, opt, opt)
     config = tsd.TSDConfig(dasm_steps=2)
     step = jax.jit(lambda s, f, b: steps.train_step(s, f, b, nets, config, opt, opt))
@@ -96,12 +96,12 @@ def test_train_step_updates_adapters(tiny_setup):
     new, metrics = step(state, frozen, batch)
     assert int(new.step) == 1 and np.all(np.asarray(new.skipped) == 0)
     assert all(np.isfinite(float(v)) for v in metrics.values())
-    before = flatten({"t": state.student[0], "v": state.student[1]})
-    after = flatten({"t": new.student[0], "v": new.student[1]})
+    before = flatten(state.student._asdict())
+    after = flatten(new.student._asdict())
     still = sorted(k for k in before if np.array_equal(before[k], after[k]))
     # B starts at zero and moves with its gradient; A moves by weight decay. Only the last
     # block's text-query projection, whose output SD3 discards, gets no gradient.
-    assert still == ["t.transformer_blocks.1.attn.add_q_proj.lora_B"], still
+    assert still == ["transformer.transformer_blocks.1.attn.add_q_proj.lora_B"], still
     assert any(not np.array_equal(a, b) for a, b in zip(
         jax.tree_util.tree_leaves(state.fake_score), jax.tree_util.tree_leaves(new.fake_score)))
 

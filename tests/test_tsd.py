@@ -22,12 +22,13 @@ from peft import get_peft_model_state_dict
 
 from conftest import add_lora, convert_release, peft_grads, rel_err
 from tsdsr_jax.conversion.layout import to_flax, torch_name
+from tsdsr_jax.diffusion.denoiser import Networks, Prompts, StudentAdapters
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.training import tsd
+from tsdsr_jax.io.tree import flatten, nest
 from tsdsr_jax.models import lpips as jax_lpips
 from tsdsr_jax.models.mmdit import MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.io.tree import flatten, nest
+from tsdsr_jax.training import tsd
 
 FAKE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
 B, SIDE = 2, 64  # two 64² images: 8² latents of the tiny VAE
@@ -158,10 +159,10 @@ def setup(release, tmp_path_factory):
     lpips_net = lpips_package.LPIPS(net="alex", pnet_rand=True, version="0.1", verbose=False)
     for p in lpips_net.parameters():
         p.requires_grad_(False)
-    adapters = tsd.Adapters(model.adapters["student"], model.adapters["student_vae"],
+    adapters = tsd.Adapters(StudentAdapters(model.adapters["student"], model.adapters["student_vae"]),
                             model.adapters["teacher"], fake)
-    nets = tsd.Networks(MMDiT(dataclasses.replace(model.transformer_config, attention_impl="xla")),
-                        AutoencoderKL(model.vae_config), model.vae_config.scaling_factor)
+    nets = Networks(MMDiT(dataclasses.replace(model.transformer_config, attention_impl="xla")),
+                        AutoencoderKL(model.vae_config))
     return model, nets, adapters, lpips_net, lpips_params(lpips_net)
 
 
@@ -192,11 +193,12 @@ def test_training_step_equals_official(release, setup, dasm_steps):
 
     batch = {k: jnp.asarray(inputs[k]) for k in
              ("lr", "hr", "latent_hr", "prompt_embeds", "pooled_prompt_embeds")}
-    default = tsd.Prompts(jnp.asarray(inputs["default_embeds"]), jnp.asarray(inputs["default_pooled"]))
-    null = tsd.Prompts(jnp.asarray(inputs["null_embeds"]), jnp.asarray(inputs["null_pooled"]))
+    default = Prompts(jnp.asarray(inputs["default_embeds"][0]),
+                      jnp.asarray(inputs["default_pooled"][0]))
+    null = Prompts(jnp.asarray(inputs["null_embeds"]), jnp.asarray(inputs["null_pooled"]))
     lpips_fn = lambda x, y: jax_lpips.lpips(lpips_tree, x, y)  # noqa: E731
     (loss, parts), grads = jax.value_and_grad(tsd.student_loss, has_aux=True)(
-        (adapters.student, adapters.student_vae), nets, model.params, adapters, batch, noise,
+        adapters.student, nets, model.params, adapters, batch, noise,
         default, null, lpips_fn, config)
     reg_loss, fake_grads = jax.value_and_grad(tsd.fake_score_loss)(
         adapters.fake_score, nets, model.params, parts["z_hat"], batch, noise, config)

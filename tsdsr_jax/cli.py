@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from tsdsr_jax.checks import SEEDS
-from tsdsr_jax.inference.pipeline import PRECISIONS, InferenceConfig
+from tsdsr_jax.inference.pipeline import InferenceConfig
+from tsdsr_jax.models import PRECISIONS
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,8 +1,8 @@
 """Does it fit? The GPU compiler's memory plan of a training config or an inference size on a
 card, and the largest batch that fits, on any host (no GPU needed; `make .venv-gpu/.aot`):
 
-    python -m tsdsr_jax.aot.fit --gpu rtx4090 --config configs/tsd.py [--config.key=value ...]
-    python -m tsdsr_jax.aot.fit --gpu a100-40g --infer --size 4096 --vae-encoder-tile 1024 ...
+    tsdsr-fit --gpu rtx4090 --config configs/tsd.py [--config.key=value ...]
+    tsdsr-fit --gpu a100-40g --infer --size 4096 --vae-encoder-tile 1024 ...
 
 Training takes the config's model (its config.json only; SD3-medium's shapes when the folder is
 absent), its mesh over ``--gpus`` GPUs and ``batch_size`` as the global batch. Inference takes
@@ -25,19 +25,21 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tsdsr_jax import cli  # noqa: E402
-from tsdsr_jax.io import model_dir  # noqa: E402
-from tsdsr_jax.training import stages  # noqa: E402
-from tsdsr_jax.training import run_config  # noqa: E402
 from tsdsr_jax.aot import programs  # noqa: E402
 from tsdsr_jax.aot.cards import CARDS, GIB  # noqa: E402
 from tsdsr_jax.aot.plan import NoGPUCompiler, Plan, gpu_devices  # noqa: E402
+from tsdsr_jax.io import model_dir  # noqa: E402
+from tsdsr_jax.training import (
+    run_config,  # noqa: E402
+    stages,  # noqa: E402
+)
 from tsdsr_jax.training.run_config import ConfigError  # noqa: E402
 
 MAX_BATCH = 4096
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = cli.ArgumentParser(prog="python -m tsdsr_jax.aot.fit",
+    p = cli.ArgumentParser(prog="tsdsr-fit",
                            description=__doc__.split("\n")[0])
     p.add_argument("--gpu", required=True, choices=sorted(CARDS))
     p.add_argument("--gpus", type=int, default=1, help="GPUs on one host (training's mesh)")

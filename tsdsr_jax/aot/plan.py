@@ -20,7 +20,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
-
 from tsdsr_jax.aot.cards import CARDS
 
 # The H200's measured ceilings (bf16 dense GEMM, HBM copy), the roofline's defaults.

@@ -18,15 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from tsdsr_jax import sharding
-from tsdsr_jax.io import model_dir
-from tsdsr_jax.training import stages
-from tsdsr_jax.models.targets import STUDENT_TARGETS
 from tsdsr_jax.aot.plan import Plan, compile_plan
-from tsdsr_jax.models import lora
-from tsdsr_jax.models import lpips as lpips_model
-from tsdsr_jax.models import mmdit, vae
 from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline, target_size
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.safetensors import SafeTensors
+from tsdsr_jax.models import lora, mmdit, vae
+from tsdsr_jax.models import lpips as lpips_model
+from tsdsr_jax.models.targets import STUDENT_TARGETS
+from tsdsr_jax.training import stages
 
 SD3_PROMPT_LEN = 333        # 77 CLIP + 256 T5 tokens
 TEACHER_RANK = 64           # the released teacher LoRA's

@@ -11,8 +11,8 @@ import numpy as np
 
 from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.models.lora import adapter_shapes
 from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
+from tsdsr_jax.models.lora import adapter_shapes
 
 PREFIX = "transformer."
 

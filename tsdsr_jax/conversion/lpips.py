@@ -14,8 +14,8 @@ import numpy as np
 
 from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.models import lpips
 from tsdsr_jax.io.tree import flatten
+from tsdsr_jax.models import lpips
 
 _FILE_PREFIX = {"alexnet": "alex", "vgg16": "vgg"}
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.models import mmdit, vae
 from tsdsr_jax.io.safetensors import SafetensorsError, open_weights
 from tsdsr_jax.io.tree import flatten
+from tsdsr_jax.models import mmdit, vae
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 

@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import fft, ndimage
 
 from tsdsr_jax.data.kernels import KernelConfig, random_kernel, sinc
+from tsdsr_jax.io.images import to_uint8
 
 MODES = ("area", "bilinear", "bicubic")
 
@@ -170,9 +171,6 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     buffer.seek(0)
     return np.asarray(Image.open(buffer).convert("RGB"), np.float32) / 255
 
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
 
 
 def usm_sharpen(image: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: int = 10

@@ -22,9 +22,10 @@ import logging
 import os
 from pathlib import Path
 
+from tsdsr_jax.io.images import EXTENSIONS as IMAGE_EXTENSIONS
+
 GT, LR, PROMPT_TXT = "gt", "lr_bicubic", "prompt_txt"
 PROMPT_EMBEDS, POOL_EMBEDS, LATENT_HR = "prompt_embeds", "pool_embeds", "latent_hr"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TENSOR_EXTENSIONS = (".safetensors", ".npy", ".pt")  # in order of preference
 
 log = logging.getLogger(__name__)

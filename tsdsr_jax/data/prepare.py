@@ -2,7 +2,7 @@
 
 ::
 
-    python -m tsdsr_jax.data.prepare --model MODEL_DIR --data ROOT [ROOT ...] \
+    tsdsr-prepare --model MODEL_DIR --data ROOT [ROOT ...] \
         [--text-encoders SD3_DIR] [--posterior sample|mean]
 
 - ``latent_hr/<stem>.safetensors``: ``E(x_H)·scaling_factor`` (no shift factor, as the official
@@ -31,13 +31,13 @@ import numpy as np
 from tqdm import tqdm
 
 from tsdsr_jax import cli
-from tsdsr_jax.io import model_dir
 from tsdsr_jax.data import layout
 from tsdsr_jax.data.source import to_unit
 from tsdsr_jax.data.text import DEFAULT_PROMPT, encode_prompts, load_text_encoders
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import ImageError, load_image
-from tsdsr_jax.models import vae as vae_lib
 from tsdsr_jax.io.safetensors import SafeTensors, save_arrays
+from tsdsr_jax.models import vae as vae_lib
 
 PROMPTS = {"null": "", "default": DEFAULT_PROMPT}
 
@@ -139,9 +139,9 @@ def write_fixed_prompts(text, model_path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m tsdsr_jax.data.prepare",
+    parser = cli.ArgumentParser(prog="tsdsr-prepare",
                                 description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model directory (python -m convert)")
+    parser.add_argument("--model", required=True, help="model directory (tsdsr-convert)")
     parser.add_argument("--data", required=True, nargs="+", help="dataset roots (gt/, prompt_txt/)")
     parser.add_argument("--text-encoders", help="SD3 diffusers folder: also encode the captions")
     parser.add_argument("--posterior", choices=("sample", "mean"), default="sample")
@@ -165,13 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.text_encoders:
         import torch
-        from ml_dtypes import bfloat16
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         text = load_text_encoders(args.text_encoders, device)
-        dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": bfloat16}
-        write_prompt_embeddings(text, roots, args.batch_size,
-                                np.dtype(dtype[args.embeddings_dtype]))
+        write_prompt_embeddings(text, roots, args.batch_size, np.dtype(args.embeddings_dtype))
         write_fixed_prompts(text, Path(args.model))
     return 0
 

@@ -1,12 +1,15 @@
-"""SD3's flow-matching schedule (SPEC §3): sigmas and timesteps by index, noising, Euler steps.
+"""SD3's flow-matching schedule: sigmas and timesteps by index, noising, Euler steps, and the
+densities and loss weightings that SD3's training draws timesteps with.
 
 Index ``i = 0 … N-1`` runs from pure noise (σ = 1, t = 1000) towards the data; the values equal
-diffusers' ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=N, shift=shift)`` in float32.
+diffusers' ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=N, shift=shift)`` in float32
+(SD3: N = 1000, shift 3).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -43,6 +46,26 @@ def euler_step(x: jax.Array, v: jax.Array, sigma_from: jax.Array, sigma_to: jax.
     return x - _per_sample(sigma_from - sigma_to, x) * v
 
 
+def timestep_density(draw: jax.Array, scheme: str, mode_scale: float = 1.29) -> jax.Array:
+    """``u`` in [0, 1] from a raw draw, N(mean, std) for ``logit_normal`` and U[0, 1) otherwise
+    (diffusers' ``compute_density_for_timestep_sampling``; uniform for other schemes)."""
+    if scheme == "logit_normal":
+        return jax.nn.sigmoid(draw)
+    if scheme == "mode":
+        return 1 - draw - mode_scale * (jnp.cos(np.pi * draw / 2) ** 2 - 1 + draw)
+    return draw
+
+
+def loss_weighting(sigma: jax.Array, scheme: str) -> jax.Array:
+    """The per-sample loss weight (diffusers' ``compute_loss_weighting_for_sd3``: σ⁻² for
+    ``sigma_sqrt``, the cosine map for ``cosmap``, else 1)."""
+    if scheme == "sigma_sqrt":
+        return sigma ** -2.0
+    if scheme == "cosmap":
+        return 2 / (np.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+    return jnp.ones_like(sigma)
+
+
 def _per_sample(value: jax.Array, like: jax.Array) -> jax.Array:
-    value = jax.numpy.asarray(value, like.dtype)
+    value = jnp.asarray(value, like.dtype)
     return value.reshape(value.shape + (1,) * (like.ndim - value.ndim))

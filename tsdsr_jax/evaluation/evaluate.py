@@ -1,6 +1,6 @@
-"""``python -m tsdsr_jax.evaluation.evaluate``: the paper's metrics of SR images against ground truth.
+"""``tsdsr-evaluate``: the paper's metrics of SR images against ground truth.
 
-    python -m tsdsr_jax.evaluation.evaluate --sr SR_DIR --gt GT_DIR [--out REPORT_DIR] \\
+    tsdsr-evaluate --sr SR_DIR --gt GT_DIR [--out REPORT_DIR] \\
         [--model MODEL_DIR | --lpips-backbone alexnet-*.pth] [--y ycbcr|yiq] [--pyiqa]
 
 Images are paired by file stem. PSNR and SSIM are on the luma (see ``tsdsr_jax.evaluation.metrics``);
@@ -23,14 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsdsr_jax import cli
 from tsdsr_jax.conversion.layout import ConversionError
 from tsdsr_jax.conversion.lpips import plan_lpips
-from tsdsr_jax import cli
 from tsdsr_jax.evaluation import metrics
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import ImageError, list_images, load_image
-from tsdsr_jax.models.lpips import lpips
 from tsdsr_jax.io.tree import nest
+from tsdsr_jax.models.lpips import lpips
 
 COLUMNS = ("PSNR", "SSIM", "LPIPS", "DISTS", "FID", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA")
 PYIQA = {"DISTS": "dists", "NIQE": "niqe", "MUSIQ": "musiq", "MANIQA": "maniqa",
@@ -175,7 +175,7 @@ def write_report(out: Path, names: list[str], rows: list[dict[str, float]], tabl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m tsdsr_jax.evaluation.evaluate",
+    p = cli.ArgumentParser(prog="tsdsr-evaluate",
                            description=__doc__.split("\n")[0])
     p.add_argument("--sr", type=Path, required=True, help="folder of super-resolved images")
     p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth images")

@@ -1,13 +1,13 @@
-"""One-step TSD-SR inference (SPEC §5): LR images in, ×upscale super-resolved images out.
+"""One-step TSD-SR inference: LR images in, ×upscale super-resolved images out.
 
     pipe = Pipeline(model_dir.load("models/tsdsr"), InferenceConfig())
-    sr = pipe([lr_uint8_hwc, ...])          # list of uint8 (H·4, W·4, 3) arrays
+    sr = pipe([lr_uint8_hwc, ...], batch_size=4)   # list of uint8 (H·4, W·4, 3) arrays
 
-Per image: bicubic upsampling with PyTorch's semantics, padding to a multiple of 16, VAE encode
-(student LoRA merged), one transformer call at t = 1000 with the default prompt (Gaussian latent
-tiles when large), ``ẑ_H = z_L − v``, decode, crop back, colour fix against the LR image. The
-network part is one jitted function per (batch, size) bucket; given a device mesh, each batch is
-split over its devices (the weights split over ``fsdp`` as in training, see sharding.py).
+As the official ``test_tsdsr.py``, per image: bicubic upsampling with PyTorch's semantics,
+padding to a multiple of 16, then the one-step student of :mod:`tsdsr_jax.diffusion.denoiser`
+(its LoRA merged; Gaussian latent tiles when large), decode, crop back, and the colour fix
+against the LR image. The network part is one jitted function per (batch, size) bucket; given
+a device mesh, each batch is split over its devices (the weights over ``fsdp``, as in training).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import Any
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -24,19 +25,17 @@ import numpy as np
 from PIL import Image
 
 from tsdsr_jax import sharding
-from tsdsr_jax.inference import colorfix
-from tsdsr_jax.inference import tiling
 from tsdsr_jax.checks import in_range, one_of
-from tsdsr_jax.io.model_dir import Model
-from tsdsr_jax.models import lora
-from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT
-from tsdsr_jax.models.vae import AutoencoderKL, sample_posterior
+from tsdsr_jax.diffusion.denoiser import MULTIPLE, PATCH_SIZE, Networks, Prompts, decode, student
+from tsdsr_jax.inference import colorfix, tiling
 from tsdsr_jax.inference.resize import resize_bicubic
+from tsdsr_jax.io.images import to_uint8
+from tsdsr_jax.io.model_dir import Model
+from tsdsr_jax.models import PRECISIONS, lora
+from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT
+from tsdsr_jax.models.vae import AutoencoderKL
 
-PRECISIONS = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
-TIMESTEP = 1000.0  # the student's single step: σ = 1
-PATCH_SIZE = 2     # the transformer's latent patch: latent tiles are multiples of it
-MULTIPLE = 8 * PATCH_SIZE  # image sides the network takes: the VAE's factor 8 × the patch
+K = TypeVar("K")
 MAX_UPSCALE = 16
 # The smallest tiles: below them the halos dwarf the tiles (and the windows' count explodes).
 MIN_LATENT_TILE, MIN_VAE_ENCODER_TILE, MIN_VAE_DECODER_TILE = 8, 128, 16
@@ -112,8 +111,8 @@ def inference_params(params: dict[str, Any], adapters: dict[str, Any],
         vae = lora.merge(vae, adapters["student_vae"])
     cast = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, dtype))
     return {"transformer": cast(transformer), "vae": cast(vae),
-            "prompt_embeds": cast(default_prompt["prompt_embeds"]),
-            "pooled_prompt_embeds": cast(default_prompt["pooled_prompt_embeds"])}
+            "default": Prompts(cast(default_prompt["prompt_embeds"]),
+                               cast(default_prompt["pooled_prompt_embeds"]))}
 
 
 class Pipeline:
@@ -133,11 +132,10 @@ class Pipeline:
         args = (model.params, model.adapters, model.embeddings["default"])
         abstract = isinstance(jax.tree_util.tree_leaves(model.params)[0], jax.ShapeDtypeStruct)
         self.params = jax.eval_shape(prepare, *args) if abstract else prepare(*args)
-        self.mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
-                                               attention_impl=attention_impl(config)))
-        self.vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype))
-        self.scaling_factor = model.vae_config.scaling_factor
-        self.shift_factor = model.vae_config.shift_factor or 0.0
+        self.nets = Networks(
+            MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
+                                      attention_impl=attention_impl(config))),
+            AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype)))
         if mesh is None:
             self.network = jax.jit(self._super_resolve, static_argnums=3)
         else:
@@ -156,36 +154,27 @@ class Pipeline:
     def _super_resolve(self, params: dict[str, Any], lr: jax.Array, rng: jax.Array,
                        size: tuple[int, int]) -> jax.Array:
         """(B, h, w, 3) LR in [0, 1] -> (B, *size, 3) SR in [0, 1], float32."""
-        cfg = self.config
+        cfg, nets = self.config, self.nets
         x = jnp.clip(resize_bicubic(lr.astype(jnp.float32), size) * 2 - 1, -1, 1)
         pad_h, pad_w = (-size[0]) % MULTIPLE, (-size[1]) % MULTIPLE
         x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
         vae = {"params": params["vae"]}
+        encoder = decoder = noise = None
         if cfg.vae_encoder_tile:
-            mean, logvar = tiling.tiled_encode(self.vae, vae, x, cfg.vae_encoder_tile,
-                                                max_tiles=cfg.vae_max_tiles)
-        else:
-            mean, logvar = self.vae.apply(vae, x, method="encode")
-        z = mean if cfg.vae_posterior == "mean" else sample_posterior(rng, mean, logvar)
-        z_l = (z - self.shift_factor) * self.scaling_factor
-
-        def transformer(tiles: jax.Array) -> jax.Array:
-            n = tiles.shape[0]
-            return self.mmdit.apply(
-                {"params": params["transformer"]}, tiles, jnp.full((n,), TIMESTEP),
-                jnp.broadcast_to(params["prompt_embeds"], (n, *params["prompt_embeds"].shape)),
-                jnp.broadcast_to(params["pooled_prompt_embeds"],
-                                 (n, *params["pooled_prompt_embeds"].shape)))
-
-        v = tiling.tiled_apply(transformer, z_l.astype(self.mmdit.config.dtype),
-                               cfg.latent_tile, cfg.latent_overlap, cfg.latent_max_tiles)
-        z_h = (z_l - v.astype(z_l.dtype)) / self.scaling_factor + self.shift_factor
+            encoder = functools.partial(tiling.tiled_encode, nets.vae, vae,
+                                        tile=cfg.vae_encoder_tile, max_tiles=cfg.vae_max_tiles)
         if cfg.vae_decoder_tile:
-            image = tiling.tiled_decode(self.vae, vae, z_h, cfg.vae_decoder_tile,
-                                        max_tiles=cfg.vae_max_tiles)
-        else:
-            image = self.vae.apply(vae, z_h, method="decode")
-        image = jnp.clip(image.astype(jnp.float32), -1, 1)[:, :size[0], :size[1]]
+            decoder = functools.partial(tiling.tiled_decode, nets.vae, vae,
+                                        tile=cfg.vae_decoder_tile, max_tiles=cfg.vae_max_tiles)
+        if cfg.vae_posterior == "sample":
+            f = nets.vae.config.downscale_factor
+            noise = jax.random.normal(rng, (x.shape[0], x.shape[1] // f, x.shape[2] // f,
+                                            nets.vae.config.latent_channels))
+        tiles = functools.partial(tiling.tiled_apply, tile=cfg.latent_tile,
+                                  overlap=cfg.latent_overlap, max_tiles=cfg.latent_max_tiles)
+        _, z_h = student(nets, params, None, x, params["default"], noise, encoder=encoder,
+                         tiles=tiles)
+        image = jnp.clip(decode(nets, vae, z_h, decoder), -1, 1)[:, :size[0], :size[1]]
         return image * 0.5 + 0.5
 
     # ------------------------------------------------------------------ images in, images out
@@ -211,13 +200,27 @@ class Pipeline:
             source = lr.astype(np.float32) / 255.0
         return to_uint8(np.asarray(self._color_fix(jnp.asarray(sr), jnp.asarray(source))))
 
-    def __call__(self, images: Sequence[np.ndarray], seed: int = 42) -> list[np.ndarray]:
-        """Super-resolves uint8 RGB images of any sizes, one batch per image (see infer.py for
-        batching by size)."""
-        keys = jax.random.split(jax.random.key(seed), len(images))
-        return [self.super_resolve(im[None], k)[0] for im, k in zip(images, keys)]
+    def batches(self, images: Iterable[tuple[K, np.ndarray]], batch_size: int = 1,
+                seed: int = 42) -> Iterator[list[tuple[K, np.ndarray, np.ndarray]]]:
+        """Super-resolves keyed uint8 RGB images of any sizes, same-sized ones ``batch_size`` at
+        a time (a short batch is padded by repeating its last image, so that each size compiles
+        once); yields each batch's ``(key, LR, SR)`` as it is done."""
+        by_size: dict[tuple[int, ...], list[tuple[K, np.ndarray]]] = defaultdict(list)
+        for key, image in images:
+            by_size[image.shape].append((key, image))
+        rng = jax.random.key(seed)
+        for group in by_size.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                lr = [im for _, im in chunk]
+                lr += lr[-1:] * (batch_size - len(lr))
+                rng, sub = jax.random.split(rng)
+                sr = self.super_resolve(np.stack(lr), sub)
+                yield [(key, im, out) for (key, im), out in zip(chunk, sr)]
 
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> uint8, rounded."""
-    return np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    def __call__(self, images: Sequence[np.ndarray], batch_size: int = 1, seed: int = 42
+                 ) -> list[np.ndarray]:
+        """Super-resolves uint8 RGB images of any sizes, in their order (see :meth:`batches`)."""
+        done = {i: sr for batch in self.batches(enumerate(images), batch_size, seed)
+                for i, _, sr in batch}
+        return [done[i] for i in range(len(images))]

@@ -1,4 +1,4 @@
-"""The model directory that ``python -m convert`` writes and everything else loads.
+"""The model directory that ``tsdsr-convert`` writes and everything else loads.
 
 ::
 
@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
+from tsdsr_jax.io.tree import flatten, nest
 from tsdsr_jax.models import lpips, mmdit, vae
 from tsdsr_jax.models.mmdit import MMDiTConfig
 from tsdsr_jax.models.vae import VAEConfig
-from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
-from tsdsr_jax.io.tree import flatten, nest
 
 FORMAT = "tsdsr-jax-model"
 VERSION = 1
@@ -78,7 +78,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except FileNotFoundError:
         raise ModelDirError(f"{path}: not a model directory ({CONFIG} missing; "
-                            "make one with `python -m convert`)") from None
+                            "make one with `tsdsr-convert`)") from None
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{file}: not JSON ({e})") from None
     if config.get("format") != FORMAT or config.get("version") != VERSION:
@@ -138,7 +138,7 @@ def load_lpips(path: str | os.PathLike, dtype: Any = None) -> tuple[str, dict[st
     entry = read_config(path).get("lpips")
     if not entry or entry.get("net") not in lpips.NETS:
         raise ModelDirError(f"{path}: has no LPIPS weights (convert with "
-                            "`python -m convert ... --lpips-backbone alexnet-*.pth`)")
+                            "`tsdsr-convert ... --lpips-backbone alexnet-*.pth`)")
     net = entry["net"]
     return net, _load_tree(path / LPIPS, flatten(lpips.abstract_params(net)), dtype)
 

@@ -2,7 +2,8 @@
 
 Module names are diffusers' (``encoder.down_blocks.0.resnets.1.conv1``, see
 :mod:`tsdsr_jax.io.tree`), so a diffusers state dict converts leaf by leaf. Every Conv/Dense takes
-a LoRA update from the ``lora`` collection. ``encode``/``decode`` apply no scaling_factor/shift_factor; callers do::
+a LoRA update from the ``lora`` collection. ``encode``/``decode`` apply no scaling or shift (see
+:mod:`tsdsr_jax.diffusion.denoiser`)::
 
     vae = AutoencoderKL(config)
     mean, logvar = vae.apply({'params': params}, image, method='encode')
@@ -376,9 +377,10 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(x)[0])
 
 
-def sample_posterior(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    """A draw ``mean + exp(logvar / 2) · N(0, 1)`` from the diagonal Gaussian posterior."""
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+def sample_posterior(mean: jax.Array, logvar: jax.Array, noise: jax.Array) -> jax.Array:
+    """A draw ``mean + exp(logvar / 2) · noise`` from the diagonal Gaussian posterior, with
+    ``noise`` ~ N(0, 1)."""
+    return mean + jnp.exp(0.5 * logvar) * noise
 
 
 def init_params(rng: jax.Array, config: VAEConfig) -> PyTree:

@@ -17,11 +17,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from tsdsr_jax.checks import SEEDS, build, in_range, one_of
+from tsdsr_jax.diffusion.denoiser import MULTIPLE
+from tsdsr_jax.models import PRECISIONS
 from tsdsr_jax.models.mmdit import ATTENTION_IMPLS
-from tsdsr_jax.inference.pipeline import MULTIPLE, PRECISIONS
 from tsdsr_jax.sharding import ShardingConfig
 from tsdsr_jax.training.flow_matching import FlowMatchingConfig
-from tsdsr_jax.training.steps import OptimConfig
+from tsdsr_jax.training.optim import OptimConfig
 from tsdsr_jax.training.tsd import TSDConfig
 
 STAGES = ("tsd", "teacher")

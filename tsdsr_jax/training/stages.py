@@ -2,7 +2,8 @@
 the validation image of TSD-SR (``tsd``) and of the teacher LoRA (``teacher``), built from a
 config and a model (real or abstract: :mod:`tsdsr_jax.aot` compiles them from shapes alone).
 
-train.py runs them; the objectives are in tsd.py and flow_matching.py, the steps in steps.py.
+The loop (:mod:`tsdsr_jax.training.loop`) runs them; the objectives are in tsd.py and
+flow_matching.py, the steps in steps.py.
 """
 
 from __future__ import annotations
@@ -17,21 +18,19 @@ import jax.numpy as jnp
 import ml_collections
 
 from tsdsr_jax import sharding
-from tsdsr_jax.io import model_dir
-from tsdsr_jax.diffusion import schedule
-from tsdsr_jax.training import flow_matching
-from tsdsr_jax.training import steps
-from tsdsr_jax.training import tsd
-from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.data.source import SampleSpec
-from tsdsr_jax.models import lora
+from tsdsr_jax.diffusion import sampling, schedule
+from tsdsr_jax.diffusion.denoiser import Networks, Prompts, StudentAdapters, decode, student
+from tsdsr_jax.io import model_dir
+from tsdsr_jax.models import PRECISIONS, lora
 from tsdsr_jax.models.mmdit import MMDiT
+from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.models.vae import AutoencoderKL
-from tsdsr_jax.inference.pipeline import PRECISIONS
+from tsdsr_jax.training import flow_matching, optim, steps, tsd
 from tsdsr_jax.training.run_config import ConfigError
 
 
-def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.Networks:
+def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> Networks:
     """The MMDiT and the VAE in the compute precision, both rematerialised by
     ``config.remat_policy``, the MMDiT with ``config.attention_impl``."""
     dtype = PRECISIONS[config.precision]
@@ -39,40 +38,38 @@ def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> tsd.N
     mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype, remat_policy=remat,
                                       attention_impl=config.attention_impl))
     vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype, remat_policy=remat))
-    return tsd.Networks(mmdit, vae, model.vae_config.scaling_factor)
+    return Networks(mmdit, vae)
 
 
-def initial_student(model: model_dir.Model, config: ml_collections.ConfigDict, rng):
+def initial_student(model: model_dir.Model, config: ml_collections.ConfigDict,
+                    rng: jax.Array) -> StudentAdapters:
+    """The model's student LoRA (``init_student='model'``), or new adapters (peft init)."""
     if config.init_student == "model":
         if not {"student", "student_vae"} <= set(model.adapters):
             raise ConfigError(f"init_student='model' but {config.model} has no student LoRA")
-        return model.adapters["student"], model.adapters["student_vae"]
+        return StudentAdapters(model.adapters["student"], model.adapters["student_vae"])
     k_t, k_v = jax.random.split(rng)
     base = model.params
-    return (lora.init_adapter(k_t, base["transformer"], STUDENT_TARGETS, config.student_rank),
-            lora.init_adapter(k_v, base["vae"], vae_encoder_targets(base["vae"]),
-                              config.student_vae_rank))
+    return StudentAdapters(
+        lora.init_adapter(k_t, base["transformer"], STUDENT_TARGETS, config.student_rank),
+        lora.init_adapter(k_v, base["vae"], vae_encoder_targets(base["vae"]),
+                          config.student_vae_rank))
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def validation_image(nets: tsd.Networks, state: steps.TrainState, frozen: steps.Frozen,
+def validation_image(nets: Networks, state: steps.TrainState, frozen: steps.Frozen,
                      batch: dict[str, jax.Array]) -> jax.Array:
     """LR | SR | HR in [0, 1] for the first sample of a batch (the student, posterior mean)."""
     lr = batch["lr"][:1]
-    vae_config = nets.vae.config
-    factor = vae_config.downscale_factor
-    no_noise = jnp.zeros((1, lr.shape[1] // factor, lr.shape[2] // factor,
-                          vae_config.latent_channels))
-    adapters = tsd.Adapters(*state.student, frozen.teacher, state.fake_score)
-    default = tsd.Prompts(frozen.default.embeds[None], frozen.default.pooled[None])
-    _, z_hat = tsd.student(nets, frozen.base, adapters, lr, no_noise, default)
-    row = [lr[0], jnp.clip(decode(nets, frozen, z_hat)[0], -1, 1), batch["hr"][0]]
+    _, z_hat = student(nets, frozen.base, state.student, lr, frozen.default)
+    row = [lr[0], jnp.clip(decode(nets, {"params": frozen.base["vae"]}, z_hat)[0], -1, 1),
+           batch["hr"][0]]
     return jnp.concatenate(row, axis=1) * 0.5 + 0.5
 
 
-def teacher_validation_image(nets: tsd.Networks, state: steps.TeacherState,
+def teacher_validation_image(nets: Networks, state: steps.TeacherState,
                              frozen: steps.Frozen, batch: dict[str, jax.Array], *,
                              num_steps: int, guidance_scale: float, strength: float, seed: int
                              ) -> jax.Array:
@@ -81,25 +78,16 @@ def teacher_validation_image(nets: tsd.Networks, state: steps.TeacherState,
     latents = (batch["latent_hr"][:1] if "latent_hr" in batch
                else steps.hr_latents(nets, frozen.base, batch["hr"][:1]))
     noise = jax.random.normal(jax.random.key(seed), latents.shape)
-    prompts = tsd.Prompts(batch["prompt_embeds"][:1], batch["pooled_prompt_embeds"][:1])
-    null = tsd.Prompts(frozen.null.embeds[None], frozen.null.pooled[None])
-    run = functools.partial(flow_matching.denoise, nets, frozen.base["transformer"], state.teacher,
-                            latents, noise, num_steps, prompts=prompts, null=null,
-                            guidance_scale=guidance_scale)
-    sigma = flow_matching.img2img_sigmas(num_steps, strength)[0]
+    prompts = Prompts(batch["prompt_embeds"][:1], batch["pooled_prompt_embeds"][:1])
+    run = functools.partial(sampling.denoise, nets, frozen.base["transformer"], state.teacher,
+                            latents, noise, num_steps, prompts=prompts,
+                            null=frozen.null.batched(1), guidance_scale=guidance_scale)
+    sigma = sampling.img2img_sigmas(num_steps, strength)[0]
     noised = schedule.add_noise(latents, noise, jnp.full((1,), sigma))
-    images = [decode(nets, frozen, z) for z in (noised, run(strength=strength),
-                                                run(strength=1.0))]
+    images = [decode(nets, {"params": frozen.base["vae"]}, z)
+              for z in (noised, run(strength=strength), run(strength=1.0))]
     row = [batch["hr"][0]] + [jnp.clip(x[0], -1, 1) for x in images]
     return jnp.concatenate(row, axis=1) * 0.5 + 0.5
-
-
-def decode(nets: tsd.Networks, frozen: steps.Frozen, latents: jax.Array) -> jax.Array:
-    """``D(z / s)`` with the frozen decoder, float32."""
-    x = nets.vae.apply({"params": frozen.base["vae"]},
-                       (latents / nets.scaling_factor).astype(nets.vae.config.dtype),
-                       method="decode")
-    return x.astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- stages
@@ -115,12 +103,12 @@ class Stage(NamedTuple):
     shown: tuple[str, ...]
 
 
-def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
+def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: Networks,
               rng: jax.Array) -> Stage:
     tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                   for k, v in config.tsd.items()})
-    opt_student = steps.optimizer(steps.OptimConfig(**config.optim_student))
-    opt_fake = steps.optimizer(steps.OptimConfig(**config.optim_fake_score))
+    opt_student = optim.optimizer(optim.OptimConfig(**config.optim_student))
+    opt_fake = optim.optimizer(optim.OptimConfig(**config.optim_fake_score))
     state = steps.init_state(rng, model.params, initial_student(model, config, rng),
                                config.fake_score_rank, opt_student, opt_fake)
     step = functools.partial(steps.train_step, nets=nets, config=tsd_config,
@@ -128,10 +116,10 @@ def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: t
     return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"))
 
 
-def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: tsd.Networks,
+def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: Networks,
                   rng: jax.Array) -> Stage:
     flow = flow_matching.FlowMatchingConfig(**config.flow)
-    opt = steps.optimizer(steps.OptimConfig(**config.optim_teacher))
+    opt = optim.optimizer(optim.OptimConfig(**config.optim_teacher))
     if config.init_teacher == "model" and "teacher" not in model.adapters:
         raise ConfigError(f"init_teacher='model' but {config.model} has no teacher LoRA")
     adapter = model.adapters["teacher"] if config.init_teacher == "model" else None
@@ -154,7 +142,7 @@ def frozen_inputs(config: ml_collections.ConfigDict, model: model_dir.Model,
     """What every step reads, the base and LPIPS in the compute precision."""
     dtype = PRECISIONS[config.precision]
     cast = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)  # noqa: E731
-    emb = {k: tsd.Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
+    emb = {k: Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
            for k, v in model.embeddings.items()}
     return steps.Frozen(base=cast(model.params), teacher=teacher_adapter,
                           default=emb.get("default"), null=emb["null"],

@@ -8,83 +8,26 @@ gradients are not finite leaves that optimiser's weights and state untouched and
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tsdsr_jax.training import flow_matching
-from tsdsr_jax.training import tsd
-from tsdsr_jax.checks import in_range, one_of
-from tsdsr_jax.models.targets import FAKE_SCORE_TARGETS, STUDENT_TARGETS
+from tsdsr_jax.diffusion.denoiser import Networks, Prompts, StudentAdapters, encode
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.lpips import lpips
+from tsdsr_jax.models.targets import FAKE_SCORE_TARGETS, STUDENT_TARGETS
+from tsdsr_jax.training import flow_matching, tsd
 
 PyTree = Any
-SCHEDULES = ("constant_with_warmup", "cosine", "cosine_with_restarts")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with diffusers' warm-up + cosine schedules and global-norm clipping (SPEC §4.7)."""
-
-    learning_rate: float
-    warmup_steps: int = 3000
-    total_steps: int = 200_000
-    schedule: str = "cosine"  # constant_with_warmup | cosine | cosine_with_restarts
-    num_cycles: float = 0.5   # cosine: half a period; with restarts: the number of restarts
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self):
-        in_range(self, "learning_rate", low=0)
-        in_range(self, "warmup_steps", low=0)
-        in_range(self, "total_steps", low=1)
-        one_of(self, "schedule", SCHEDULES)
-        in_range(self, "num_cycles", above=0)
-        in_range(self, "b1", 0, below=1)
-        in_range(self, "b2", 0, below=1)
-        in_range(self, "eps", above=0)
-        in_range(self, "weight_decay", low=0)
-        in_range(self, "max_grad_norm", above=0)
-
-
-def lr_schedule(config: OptimConfig) -> optax.Schedule:
-    """diffusers' ``get_scheduler``: linear warm-up from 0, then constant or cosine decay."""
-    def schedule(step: jax.Array) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        warmup = jnp.float32(max(config.warmup_steps, 1))
-        progress = (step - config.warmup_steps) / max(config.total_steps - config.warmup_steps, 1)
-        if config.schedule == "constant_with_warmup":
-            decay = jnp.float32(1.0)
-        elif config.schedule == "cosine":
-            decay = jnp.maximum(0.0, 0.5 * (1 + jnp.cos(jnp.pi * 2 * config.num_cycles
-                                                          * progress)))
-        else:  # cosine_with_restarts
-            decay = jnp.where(progress >= 1, 0.0, 0.5 * (1 + jnp.cos(
-                jnp.pi * jnp.mod(config.num_cycles * progress, 1.0))))
-        factor = jnp.where(step < config.warmup_steps, step / warmup, decay)
-        return config.learning_rate * factor
-    return schedule
-
-
-def optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adamw(lr_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                    weight_decay=config.weight_decay))
 
 
 class TrainState(NamedTuple):
     """Everything a run changes; a checkpoint saves exactly this (plus the data position)."""
 
     step: jax.Array
-    student: tuple[PyTree, PyTree]  # (transformer adapter, VAE-encoder adapter)
+    student: StudentAdapters
     fake_score: PyTree
     opt_student: optax.OptState
     opt_fake: optax.OptState
@@ -97,18 +40,19 @@ class Frozen(NamedTuple):
 
     base: PyTree                    # {'transformer': …, 'vae': …}
     teacher: PyTree | None          # the teacher adapter (None: plain SD3 or the teacher stage)
-    default: tsd.Prompts            # unbatched (L, D) and (P,)
-    null: tsd.Prompts
+    default: Prompts                # unbatched (L, D) and (P,)
+    null: Prompts
     lpips: PyTree | None            # None in the teacher stage
 
 
-def init_state(rng: jax.Array, base: PyTree, student: tuple[PyTree, PyTree],
+def init_state(rng: jax.Array, base: PyTree, student: StudentAdapters,
                fake_rank: int, opt_student: optax.GradientTransformation,
                opt_fake: optax.GradientTransformation) -> TrainState:
     """A fresh state: the given student adapters and a new fake-score adapter (peft init)."""
     rng, fake_rng = jax.random.split(rng)
     fake = lora.init_adapter(fake_rng, base["transformer"], FAKE_SCORE_TARGETS, fake_rank)
-    student = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), student)
+    student = StudentAdapters(*jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
+                                                      tuple(student)))
     return TrainState(jnp.zeros((), jnp.int32), student, fake, opt_student.init(student),
                       opt_fake.init(fake), jnp.zeros((2,), jnp.int32), rng)
 
@@ -126,20 +70,14 @@ def _update(params, grads, opt_state, opt, finite):
             jax.tree_util.tree_map(keep, new_state, opt_state))
 
 
-def _batched(prompts: tsd.Prompts, b: int) -> tsd.Prompts:
-    return tsd.Prompts(jnp.broadcast_to(prompts.embeds, (b, *prompts.embeds.shape)),
-                       jnp.broadcast_to(prompts.pooled, (b, *prompts.pooled.shape)))
-
-
-def hr_latents(nets: tsd.Networks, base: PyTree, hr: jax.Array) -> jax.Array:
-    """``E(x_H)·s`` (posterior mean, frozen VAE) for batches without precomputed latents."""
-    mean, _ = nets.vae.apply({"params": base["vae"]}, hr.astype(nets.vae.config.dtype),
-                             method="encode")
-    return jax.lax.stop_gradient(mean.astype(jnp.float32) * nets.scaling_factor)
+def hr_latents(nets: Networks, base: PyTree, hr: jax.Array) -> jax.Array:
+    """The latents of HR images (posterior mean, frozen VAE), for batches without precomputed
+    ones."""
+    return jax.lax.stop_gradient(encode(nets, {"params": base["vae"]}, hr))
 
 
 def train_step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array],
-               nets: tsd.Networks, config: tsd.TSDConfig, opt_student: optax.GradientTransformation,
+               nets: Networks, config: tsd.TSDConfig, opt_student: optax.GradientTransformation,
                opt_fake: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step: the student's update, then the fake score's on the same ẑ_H (jit with
     ``nets``, ``config`` and the optimisers static)."""
@@ -148,11 +86,11 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array],
         batch = {**batch, "latent_hr": hr_latents(nets, frozen.base, batch["hr"])}
     rng, step_rng = jax.random.split(state.rng)
     noise = tsd.sample_noise(step_rng, batch["latent_hr"].shape, config)
-    adapters = tsd.Adapters(*state.student, frozen.teacher, state.fake_score)
+    adapters = tsd.Adapters(state.student, frozen.teacher, state.fake_score)
     lpips_fn = lambda x, y: lpips(frozen.lpips, x, y)  # noqa: E731
     (loss, parts), grads = jax.value_and_grad(tsd.student_loss, has_aux=True)(
-        state.student, nets, frozen.base, adapters, batch, noise, _batched(frozen.default, b),
-        _batched(frozen.null, b), lpips_fn, config)
+        state.student, nets, frozen.base, adapters, batch, noise, frozen.default,
+        frozen.null.batched(b), lpips_fn, config)
     reg_loss, fake_grads = jax.value_and_grad(tsd.fake_score_loss)(
         state.fake_score, nets, frozen.base, parts["z_hat"], batch, noise, config)
     ok_student = _all_finite(loss, grads)
@@ -197,7 +135,7 @@ def init_teacher_state(rng: jax.Array, base: PyTree, adapter: PyTree | None, ran
 
 
 def teacher_step(state: TeacherState, frozen: Frozen, batch: dict[str, jax.Array],
-                 nets: tsd.Networks, config: flow_matching.FlowMatchingConfig,
+                 nets: Networks, config: flow_matching.FlowMatchingConfig,
                  opt: optax.GradientTransformation) -> tuple[TeacherState, dict[str, jax.Array]]:
     """One flow-matching step on the HR latents and captions of a batch (jit with ``nets``,
     ``config`` and ``opt`` static)."""
@@ -205,10 +143,10 @@ def teacher_step(state: TeacherState, frozen: Frozen, batch: dict[str, jax.Array
                                                                           batch["hr"])
     rng, step_rng = jax.random.split(state.rng)
     noise = flow_matching.sample_noise(step_rng, latents.shape, config)
-    prompts = tsd.Prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"])
+    prompts = Prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"])
     (loss, aux), grads = jax.value_and_grad(flow_matching.flow_matching_loss, has_aux=True)(
         state.teacher, nets, frozen.base["transformer"], latents, prompts,
-        _batched(frozen.null, latents.shape[0]), noise, config)
+        frozen.null.batched(latents.shape[0]), noise, config)
     ok = _all_finite(loss, grads)
     adapter, opt_state = _update(state.teacher, grads, state.opt_teacher, opt, ok)
     skipped = state.skipped + (~ok).astype(jnp.int32)

@@ -1,9 +1,9 @@
-"""TSD-SR's training objective (SPEC §4) as pure functions of params, adapters and noise.
+"""TSD-SR's training objective (paper §3) as pure functions of params, adapters and noise.
 
 One step draws all its randomness up front (:func:`sample_noise`), so that the losses are plain
 functions that tests can feed with the very noise a PyTorch reference used. The networks share
 one frozen base: the student, the teacher and the fake score differ only in their ``lora``
-collection (:class:`Adapters`).
+collection (:class:`Adapters`); the networks' calls are :mod:`tsdsr_jax.diffusion.denoiser`'s.
 
 - :func:`student_loss`: one-step student (VAE-encoder LoRA + transformer LoRA at t = 1000), the
   TSD target from the DASM loop under classifier-free guidance, and the data loss
@@ -20,12 +20,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tsdsr_jax.diffusion import schedule
 from tsdsr_jax.checks import in_range, one_of
-from tsdsr_jax.models.mmdit import MMDiT
-from tsdsr_jax.models.vae import AutoencoderKL
+from tsdsr_jax.diffusion import schedule
+from tsdsr_jax.diffusion.denoiser import (
+    Networks,
+    Prompts,
+    StudentAdapters,
+    decode,
+    deinterleave,
+    guided_velocity,
+    interleave,
+    student,
+    velocity,
+)
 
 PyTree = Any
 LPIPSFn = Callable[[jax.Array, jax.Array], jax.Array]  # images in [0, 1] -> (B,) distances
@@ -33,7 +41,7 @@ LPIPSFn = Callable[[jax.Array, jax.Array], jax.Array]  # images in [0, 1] -> (B,
 
 @dataclasses.dataclass(frozen=True)
 class TSDConfig:
-    """The constants of SPEC §4 (the official defaults; the paper's DASM uses 4 steps)."""
+    """The official training defaults (the paper's DASM, §3.3, uses 4 steps)."""
 
     guidance_scale: float = 7.5
     dasm_steps: int = 4                     # N; 1 = without DASM (the released script)
@@ -66,20 +74,10 @@ class TSDConfig:
         in_range(self, "logit_std", above=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Networks:
-    """The (static) modules and the latent scaling; params are passed separately."""
-
-    mmdit: MMDiT
-    vae: AutoencoderKL
-    scaling_factor: float
-
-
 class Adapters(NamedTuple):
-    """The LoRA collections: the student's (transformer and VAE encoder), teacher, fake score."""
+    """The LoRA collections: the student's, the teacher's and the fake score's."""
 
-    student: PyTree
-    student_vae: PyTree
+    student: StudentAdapters
     teacher: PyTree | None  # None: the plain SD3 teacher
     fake_score: PyTree
 
@@ -94,13 +92,6 @@ class Noise(NamedTuple):
     fake_index: jax.Array     # (B,) int
     fake_noise: jax.Array     # (B, h, w, C)
     u: jax.Array              # (B,) the fake-score loss weighting's draw
-
-
-class Prompts(NamedTuple):
-    """Prompt embeddings, each batched: ``embeds`` (B, L, D), ``pooled`` (B, P)."""
-
-    embeds: jax.Array
-    pooled: jax.Array
 
 
 def sample_noise(rng: jax.Array, latent_shape: tuple[int, ...], config: TSDConfig) -> Noise:
@@ -137,61 +128,10 @@ def dasm_indices(teacher_index: jax.Array, bias: jax.Array, config: TSDConfig) -
     return jnp.where(k < (n + 1) // 2, from_start, from_end).astype(jnp.int32)
 
 
-# --------------------------------------------------------------------------- the networks
+# --------------------------------------------------------------------------- the losses
 
 _SIGMAS = schedule.sigmas()
 _TIMESTEPS = schedule.timesteps()
-
-
-def _per_sample(v: jax.Array) -> jax.Array:
-    return v[:, None, None, None]
-
-
-def _interleave(*parts: jax.Array) -> jax.Array:
-    """Arrays (B, ...) as one batch (B·k, ...) with row ``i·k + j`` = ``parts[j][i]``: each
-    sample's rows stay together, so a batch split over devices needs no data moved."""
-    return jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
-
-
-def _deinterleave(x: jax.Array, k: int) -> list[jax.Array]:
-    """The ``k`` parts of a batch made by :func:`_interleave`."""
-    x = x.reshape(-1, k, *x.shape[1:])
-    return [x[:, j] for j in range(k)]
-
-
-def velocity(nets: Networks, base: PyTree, adapter: PyTree | None, x: jax.Array,
-             timestep: jax.Array, prompts: Prompts) -> jax.Array:
-    """The transformer's prediction ``v ≈ ε − x_0`` with one adapter (or none), float32."""
-    variables = {"params": base} if adapter is None else {"params": base, "lora": adapter}
-    dtype = nets.mmdit.config.dtype
-    out = nets.mmdit.apply(variables, x.astype(dtype), timestep,
-                           prompts.embeds.astype(dtype), prompts.pooled.astype(dtype))
-    return out.astype(jnp.float32)
-
-
-def guided_velocity(nets: Networks, base: PyTree, adapter: PyTree | None, x: jax.Array,
-                    timestep: jax.Array, cond: Prompts, null: Prompts, scale: float
-                    ) -> jax.Array:
-    """Classifier-free guidance in one batched call: ``v_∅ + s (v_c − v_∅)``."""
-    both = Prompts(_interleave(null.embeds, cond.embeds), _interleave(null.pooled, cond.pooled))
-    v = velocity(nets, base, adapter, _interleave(x, x), _interleave(timestep, timestep), both)
-    v_null, v_cond = _deinterleave(v, 2)
-    return v_null + scale * (v_cond - v_null)
-
-
-def student(nets: Networks, base: PyTree, adapters: Adapters, lr: jax.Array,
-            posterior_noise: jax.Array, default: Prompts) -> tuple[jax.Array, jax.Array]:
-    """The one-step student: ``(z_L, ẑ_H)`` for LR images (B, H, W, 3) in [−1, 1]."""
-    mean, logvar = nets.vae.apply({"params": base["vae"], "lora": adapters.student_vae},
-                                  lr.astype(nets.vae.config.dtype), method="encode")
-    z = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * posterior_noise
-    z_l = z * nets.scaling_factor
-    t = jnp.full((lr.shape[0],), _TIMESTEPS[0])
-    v = velocity(nets, base["transformer"], adapters.student, z_l, t, default)
-    return z_l, z_l - _SIGMAS[0] * v
-
-
-# --------------------------------------------------------------------------- the losses
 
 
 def tsd_gradient(nets: Networks, base: PyTree, adapters: Adapters, z_hat: jax.Array,
@@ -206,29 +146,28 @@ def tsd_gradient(nets: Networks, base: PyTree, adapters: Adapters, z_hat: jax.Ar
     indices = dasm_indices(noise.teacher_index, noise.bias, config)
     sigmas = jnp.asarray(_SIGMAS)[indices]          # (B, N+1)
     timesteps = jnp.asarray(_TIMESTEPS)[indices]
-    sigma0 = _per_sample(sigmas[:, 0])
-    x_hat = sigma0 * noise.teacher_noise + (1 - sigma0) * z_hat
-    x = sigma0 * noise.teacher_noise + (1 - sigma0) * z_hr
+    x_hat = schedule.add_noise(z_hat, noise.teacher_noise, sigmas[:, 0])
+    x = schedule.add_noise(z_hr, noise.teacher_noise, sigmas[:, 0])
     transformer = base["transformer"]
+    pair = Prompts(interleave(prompts.embeds, prompts.embeds),
+                   interleave(prompts.pooled, prompts.pooled))
+    pair_null = Prompts(interleave(null.embeds, null.embeds), interleave(null.pooled, null.pooled))
 
     def sub_step(carry, k):
         x_hat, x, grad_vsd, grad_tsm = carry
-        s_cur, s_next = _per_sample(sigmas[:, k]), _per_sample(sigmas[:, k + 1])
+        s_cur, s_next = sigmas[:, k], sigmas[:, k + 1]
         t = timesteps[:, k]
-        pair = Prompts(_interleave(prompts.embeds, prompts.embeds),
-                       _interleave(prompts.pooled, prompts.pooled))
-        pair_null = Prompts(_interleave(null.embeds, null.embeds),
-                            _interleave(null.pooled, null.pooled))
-        v_teacher = guided_velocity(nets, transformer, adapters.teacher, _interleave(x_hat, x),
-                                    _interleave(t, t), pair, pair_null, config.guidance_scale)
-        v_tea_hat, v_tea = _deinterleave(v_teacher, 2)
+        v_teacher = guided_velocity(nets, transformer, adapters.teacher, interleave(x_hat, x),
+                                    interleave(t, t), pair, pair_null, config.guidance_scale)
+        v_tea_hat, v_tea = deinterleave(v_teacher, 2)
         v_fake = guided_velocity(nets, transformer, adapters.fake_score, x_hat, t, prompts,
                                  null, config.guidance_scale)
         weight = jnp.asarray(config.dasm_weights, jnp.float32)[k]
-        grad_vsd = jnp.nan_to_num(grad_vsd + (v_tea_hat - v_fake) * s_cur ** 2 * weight)
-        grad_tsm = jnp.nan_to_num(grad_tsm + (v_tea_hat - v_tea) * s_cur ** 2 * weight)
-        x_hat = x_hat - (s_cur - s_next) * v_fake
-        x = x - (s_cur - s_next) * v_tea
+        s2 = s_cur[:, None, None, None] ** 2
+        grad_vsd = jnp.nan_to_num(grad_vsd + (v_tea_hat - v_fake) * s2 * weight)
+        grad_tsm = jnp.nan_to_num(grad_tsm + (v_tea_hat - v_tea) * s2 * weight)
+        x_hat = schedule.euler_step(x_hat, v_fake, s_cur, s_next)
+        x = schedule.euler_step(x, v_tea, s_cur, s_next)
         return (x_hat, x, grad_vsd, grad_tsm), None
 
     zeros = jnp.zeros_like(z_hat)
@@ -237,25 +176,22 @@ def tsd_gradient(nets: Networks, base: PyTree, adapters: Adapters, z_hat: jax.Ar
     return jax.lax.stop_gradient((grad_vsd, grad_tsm))
 
 
-def student_loss(student_adapters: tuple[PyTree, PyTree], nets: Networks, base: PyTree,
+def student_loss(student_adapters: StudentAdapters, nets: Networks, base: PyTree,
                  adapters: Adapters, batch: dict[str, jax.Array], noise: Noise,
                  default: Prompts, null: Prompts, lpips: LPIPSFn, config: TSDConfig
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The student's loss ``data + L_tsd``; differentiate w.r.t. ``student_adapters`` =
-    ``(transformer adapter, VAE-encoder adapter)``. Returns the loss and its parts, with
-    ``z_hat`` (the student's ẑ_H) for the fake-score step."""
-    adapters = adapters._replace(student=student_adapters[0], student_vae=student_adapters[1])
+    """The student's loss ``data + L_tsd``; differentiate w.r.t. ``student_adapters``.
+    ``default`` is the unbatched default prompt, ``null`` the batched null prompt. Returns the
+    loss and its parts, with ``z_hat`` (the student's ẑ_H) for the fake-score step."""
+    adapters = adapters._replace(student=student_adapters)
     prompts = Prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"])
-    _, z_hat = student(nets, base, adapters, batch["lr"], noise.posterior, default)
+    _, z_hat = student(nets, base, student_adapters, batch["lr"], default, noise.posterior)
     z_hr = batch["latent_hr"].astype(jnp.float32)
     grad_vsd, grad_tsm = tsd_gradient(nets, base, adapters, z_hat, z_hr, noise, prompts, null,
                                       config)
     grad = config.lambda_vsd * grad_vsd + (1 - config.lambda_vsd) * grad_tsm
     tsd = 0.5 * jnp.mean(jnp.square(z_hat - jax.lax.stop_gradient(z_hat - grad)))
-    image = nets.vae.apply({"params": base["vae"]},
-                           (z_hat / nets.scaling_factor).astype(nets.vae.config.dtype),
-                           method="decode")
-    image = jnp.clip(image.astype(jnp.float32), -1, 1) * 0.5 + 0.5
+    image = jnp.clip(decode(nets, {"params": base["vae"]}, z_hat), -1, 1) * 0.5 + 0.5
     lpips_loss = jnp.mean(lpips(image, batch["hr"].astype(jnp.float32) * 0.5 + 0.5))
     mse = jnp.mean(jnp.square(z_hat - z_hr))
     data = config.lpips_weight * lpips_loss + config.mse_weight * mse
@@ -264,27 +200,22 @@ def student_loss(student_adapters: tuple[PyTree, PyTree], nets: Networks, base: 
     return data + tsd, parts
 
 
-def loss_weighting(noise: Noise, sigma: jax.Array, config: TSDConfig) -> jax.Array:
-    """The fake-score loss weighting per sample (the official three schemes)."""
-    if config.weighting_scheme == "sigma_sqrt":
-        return sigma ** -2.0
-    if config.weighting_scheme == "logit_normal":
-        return jax.nn.sigmoid(noise.u)
-    u = noise.u
-    return 1 - u - config.mode_scale * (jnp.cos(np.pi * u / 2) ** 2 - 1 + u)
-
-
 def fake_score_loss(fake_adapter: PyTree, nets: Networks, base: PyTree, z_hat: jax.Array,
                     batch: dict[str, jax.Array], noise: Noise, config: TSDConfig
                     ) -> jax.Array:
     """``L_reg = ½ · mean(w) · mean((x̂_0 − ẑ_H)²)`` (the official reduction) on the student's
-    stop-gradient latents noised to each sample's σ; differentiate w.r.t. ``fake_adapter``."""
+    stop-gradient latents noised to each sample's σ; differentiate w.r.t. ``fake_adapter``.
+    The weighting ``w`` is σ⁻² for ``sigma_sqrt``, else the timestep density at the draw ``u``,
+    as the official code computes it."""
     z_hat = jax.lax.stop_gradient(z_hat.astype(jnp.float32))
     sigma = jnp.asarray(_SIGMAS)[noise.fake_index]
     t = jnp.asarray(_TIMESTEPS)[noise.fake_index]
-    x = _per_sample(sigma) * noise.fake_noise + (1 - _per_sample(sigma)) * z_hat
+    x = schedule.add_noise(z_hat, noise.fake_noise, sigma)
     prompts = Prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"])
-    v = velocity(nets, base["transformer"], fake_adapter, x, t, prompts)
-    x0 = x - _per_sample(sigma) * v
-    weighting = loss_weighting(noise, sigma, config)
+    x0 = schedule.predict_x0(x, velocity(nets, base["transformer"], fake_adapter, x, t, prompts),
+                             sigma)
+    if config.weighting_scheme == "sigma_sqrt":
+        weighting = sigma ** -2.0
+    else:
+        weighting = schedule.timestep_density(noise.u, config.weighting_scheme, config.mode_scale)
     return jnp.nan_to_num(0.5 * jnp.mean(weighting) * jnp.mean(jnp.square(x0 - z_hat)))

@@ -1,0 +1,32 @@
+"""What both training stages share. The sections take their defaults from the dataclasses that
+check them (:func:`section`), so that each default has one home; each stage's config overrides
+only what differs."""
+
+import dataclasses
+
+import ml_collections
+
+from tsdsr_jax.sharding import ShardingConfig
+
+
+def section(cls: type, **values) -> ml_collections.ConfigDict:
+    """A config section of ``cls``'s defaults, with ``values`` (for fields without a default,
+    or to differ from it)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(cls(**values)))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 43
+    c.precision = "bf16"              # compute dtype of the frozen base (LoRA stays float32)
+    c.remat_policy = "full"           # none | full | dots: rematerialise MMDiT and VAE blocks
+    c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
+    c.data = ml_collections.ConfigDict(dict(
+        roots=("data/train",), resolution=512, degrade=False, num_workers=4, skip_invalid=False,
+        shards=0))                    # data streams (0: one per process)
+    # the mesh: data x fsdp devices (-1: fill); the frozen base is split over fsdp
+    c.sharding = section(ShardingConfig)
+    c.log_every = 10
+    c.validate_every = 500
+    c.keep_checkpoints = 3
+    return c
