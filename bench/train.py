@@ -1,17 +1,17 @@
 """Seconds per TSD-SR training step and peak memory, full-size SD3-medium with random weights,
 beside the official step in PyTorch measured in the same run.
 
-    python bench/train.py                  # 512² crops, batch 1 and 2, DASM N = 1 and 4 (GPU)
+    python bench/train.py --reference REF  # 512² crops, batch 1 and 2, DASM N = 1 and 4 (GPU)
     python bench/train.py --tiny           # tiny configs (checks the script on a CPU)
     python bench/train.py --compile-only   # full size on any device: compile and count
-    python bench/train.py --reference none # ours alone
+    python bench/train.py                  # ours alone
 
 One device (a 1x1 mesh: the step is the one train.py jits). The step is ours as configs/tsd.py
 runs it: bf16 base, float32 LoRA (student r64 + VAE-encoder r64, teacher r64, fake score r64),
 one shared base, remat of the transformer blocks, cuDNN attention on a GPU. Each row runs in its
 own process, so that its peak is its own; then ``--reference`` (the official step: diffusers +
-peft, fp16 autocast, two transformer copies; ../shared/bench/baseline_train_torch.py) runs in
-another. Prints one table: compile seconds, median seconds per step and peak device memory of
+peft, fp16 autocast, two transformer copies: the script ``baseline_train_torch.py`` that
+comes with the PyTorch reference benchmarks, given by path) runs in another. Prints one table: compile seconds, median seconds per step and peak device memory of
 each, and the ratios. ``--compile-only`` compiles the step from shapes alone (nothing is
 allocated, so it runs on a small CPU too) and prints XLA's FLOP count and buffer sizes instead.
 With ``--tiny`` both sides use tiny models of different shapes: the ratios mean nothing there.
@@ -38,9 +38,6 @@ from tsdsr_jax.models import lora, mmdit, vae
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.training import optim, steps, tsd
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "baseline_train_torch.py"
-
 
 def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract: bool = False):
     """Random frozen base, LPIPS, prompts and adapters, made on the device (or only their
@@ -180,8 +177,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--remat", default="full", help="none | full | dots")
     p.add_argument("--compile-only", action="store_true")
-    p.add_argument("--reference", default=str(REFERENCE),
-                   help="the official step's script, or 'none'")
+    p.add_argument("--reference", type=Path,
+                   help="the official step's script (baseline_train_torch.py); none: ours alone")
     p.add_argument("--row", action="store_true", help="(internal) one row of ours, as JSON")
     args = p.parse_args()
     if args.row:
@@ -197,8 +194,8 @@ def main() -> None:
             out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
             ours[(b, n)] = json.loads(out.strip().splitlines()[-1])
     official = {}
-    if not args.compile_only and args.reference != "none":
-        official = reference(Path(args.reference), args.tiny)
+    if not args.compile_only and args.reference:
+        official = reference(args.reference, args.tiny)
     first = next(iter(ours.values()))
     print(f"jax {jax.__version__} on {first['device']}; {64 if args.tiny else 512}² crops, "
           f"{first['base']} base, remat {args.remat}")

@@ -1,4 +1,4 @@
-"""Colour fixes against torch references written from the official definitions (SPEC §5)."""
+"""Colour fixes against torch references written from the official definitions."""
 
 from __future__ import annotations
 

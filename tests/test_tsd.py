@@ -1,9 +1,9 @@
 """The TSD training objective against the official algorithm in PyTorch (diffusers + peft).
 
-The reference below follows the official `train/train.py` step (SPEC §4) on tiny diffusers
+The reference below follows the official `train/train.py` step on tiny diffusers
 models with peft adapters: student ("default" on the transformer and the VAE encoder), teacher
 ("teacher") and fake score ("reg") on one transformer, LPIPS-alex with a random backbone. It
-uses each sample's own DASM indices (the fix SPEC §4 asks for). Both sides get the same noise.
+uses each sample's own DASM indices (the official code uses the first sample's for all). Both sides get the same noise.
 """
 
 from __future__ import annotations

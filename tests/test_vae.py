@@ -136,7 +136,7 @@ def test_sd3_config_and_lora_targets():
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
     assert "quant_conv" not in params and "post_quant_conv" not in params
     encoder_layers = [p for p in lora.layer_paths(params) if p.startswith("encoder.")]
-    assert len(encoder_layers) == 31  # SPEC §2: the VAE encoder LoRA targets
+    assert len(encoder_layers) == 31  # the official VAE-encoder LoRA targets
 
 
 def test_config_round_trip_and_rejects_unsupported():

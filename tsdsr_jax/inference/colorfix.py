@@ -1,4 +1,5 @@
-"""The official inference's colour fixes against the LR input (SPEC §5).
+"""The official inference's colour fixes of the SR output against the LR input: wavelet
+(the default) and AdaIN.
 
 All take ``(..., H, W, C)`` float images in [0, 1], compute in float32 and return clipped float32.
 """

@@ -1,4 +1,4 @@
-"""Bicubic resizing with PyTorch's semantics (SPEC §5).
+"""Bicubic resizing with PyTorch's semantics, as the official inference upsamples the LR input.
 
 ``resize_bicubic`` equals torch's
 ``F.interpolate(mode="bicubic", align_corners=False, antialias=False)``: cubic convolution with

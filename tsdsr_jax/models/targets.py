@@ -1,4 +1,5 @@
-"""Which layers TSD-SR's LoRA adapters adapt (SPEC §2), as peft ``target_modules`` lists."""
+"""Which layers TSD-SR's LoRA adapters adapt, as the official training script's peft
+``target_modules`` lists."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ SCHEDULES = ("constant_with_warmup", "cosine", "cosine_with_restarts")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with diffusers' warm-up + cosine schedules and global-norm clipping (SPEC §4.7)."""
+    """AdamW with diffusers' warm-up + cosine schedules and global-norm clipping; the defaults
+    are the official training script's."""
 
     learning_rate: float
     warmup_steps: int = 3000
