@@ -11,9 +11,10 @@ runs it: bf16 base, float32 LoRA (student r64 + VAE-encoder r64, teacher r64, fa
 one shared base, remat of the transformer blocks, cuDNN attention on a GPU. Each row runs in its
 own process, so that its peak is its own; then ``--reference`` (the official step: diffusers +
 peft, fp16 autocast, two transformer copies: the script ``baseline_train_torch.py`` that
-comes with the PyTorch reference benchmarks, given by path) runs in another. Prints one table: compile seconds, median seconds per step and peak device memory of
-each, and the ratios. ``--compile-only`` compiles the step from shapes alone (nothing is
-allocated, so it runs on a small CPU too) and prints XLA's FLOP count and buffer sizes instead.
+comes with the PyTorch reference benchmarks, given by path) runs in another. Prints one
+table: compile seconds, median seconds per step and peak device memory of each, and the
+ratios. ``--compile-only`` compiles the step from shapes alone (nothing is allocated, so it runs
+on a small CPU too) and prints XLA's FLOP count and buffer sizes instead.
 With ``--tiny`` both sides use tiny models of different shapes: the ratios mean nothing there.
 """
 
@@ -38,6 +39,7 @@ from tsdsr_jax.models import lora, mmdit, vae
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets
 from tsdsr_jax.training import optim, steps, tsd
+
 
 def build(tiny: bool, dtype, attention: str | None, remat: str | None, abstract: bool = False):
     """Random frozen base, LPIPS, prompts and adapters, made on the device (or only their

@@ -174,6 +174,12 @@ def test_teacher_that_is_not_a_teacher_run_is_refused(tmp_path):
     checkpoints.close()
     with pytest.raises(loop.ConfigError, match="not a teacher run"):
         loop.load_teacher(tiny_config(teacher=str(tmp_path / "tsd")), model_dir.tiny())
+    checkpoints = Checkpoints(tmp_path / "other")
+    checkpoints.save(1, {"teacher": {"proj": {"lora_A": np.zeros((2, 4))}}})
+    checkpoints.close()
+    with pytest.raises(loop.ConfigError,
+                       match=r"does not fit tiny: missing pos_embed\.proj\.lora_A"):
+        loop.load_teacher(tiny_config(teacher=str(tmp_path / "other")), model_dir.tiny())
 
 
 # ------------------------------------------------------------------ errors before compiling

@@ -1,1 +1,2 @@
-"""From the official PyTorch checkpoints to our model directory: weight layouts, SD3, the LoRA adapters, LPIPS and the prompt embeddings."""
+"""From the official PyTorch checkpoints to our model directory: weight layouts, SD3, the LoRA
+adapters, LPIPS and the prompt embeddings."""

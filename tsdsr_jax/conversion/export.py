@@ -23,7 +23,7 @@ from tsdsr_jax.conversion.lora import PREFIX
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.safetensors import SafeTensors
 from tsdsr_jax.io.tree import flatten
-from tsdsr_jax.training.checkpoint import CheckpointError, Checkpoints
+from tsdsr_jax.training.checkpoint import CheckpointError, read_state
 
 OFFICIAL_FILES = {"student": "transformer.safetensors", "student_vae": "vae.safetensors",
                   "teacher": "teacher.safetensors", "fake_score": "transformer_reg.safetensors"}
@@ -47,11 +47,7 @@ def model_adapters(path: Path) -> dict[str, Mapping[str, np.ndarray]]:
 def checkpoint_adapters(path: Path, step: int | None) -> dict[str, Mapping[str, np.ndarray]]:
     """The trained adapters of a training checkpoint: the student's and the fake score's (a
     TSD-SR run) or the teacher's (a teacher run)."""
-    checkpoints = Checkpoints(path, create=False)
-    try:
-        state = checkpoints.restore_raw(step)
-    finally:
-        checkpoints.close()
+    state = read_state(path, step)
     if "teacher" in state:
         return {"teacher": flatten(state["teacher"])}
     if not {"student", "fake_score"} <= set(state):

@@ -3,12 +3,13 @@
     tsdsr-evaluate --sr SR_DIR --gt GT_DIR [--out REPORT_DIR] \\
         [--model MODEL_DIR | --lpips-backbone alexnet-*.pth] [--y ycbcr|yiq] [--pyiqa]
 
-Images are paired by file stem. PSNR and SSIM are on the luma (see ``tsdsr_jax.evaluation.metrics``);
-LPIPS (AlexNet, v0.1) needs weights: a model directory converted with ``--lpips-backbone``, or the
-torchvision checkpoint itself. ``--pyiqa`` adds DISTS, FID (of the folders), NIQE, MUSIQ, MANIQA
-and CLIPIQA through pyiqa (installed separately; it fetches its own weights). Prints the summary
-table in the paper's column order (metrics not computed shown as ``-``); ``--out`` also writes
-``metrics.csv`` (per image) and ``summary.md``.
+Images are paired by file stem. PSNR and SSIM are on the luma (see
+``tsdsr_jax.evaluation.metrics``); LPIPS (AlexNet, v0.1) needs weights: a model directory
+converted with ``--lpips-backbone``, or the torchvision checkpoint itself. ``--pyiqa`` adds
+DISTS, FID (of the folders), NIQE, MUSIQ, MANIQA and CLIPIQA through pyiqa (installed
+separately; it fetches its own weights). Prints the summary table in the paper's column order
+(metrics not computed shown as ``-``); ``--out`` also writes ``metrics.csv`` (per image) and
+``summary.md``.
 """
 
 from __future__ import annotations

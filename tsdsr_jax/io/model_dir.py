@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
-from tsdsr_jax.io.tree import flatten, nest
+from tsdsr_jax.io.tree import flatten, nest, shape_problems
 from tsdsr_jax.models import lpips, mmdit, vae
 from tsdsr_jax.models.mmdit import MMDiTConfig
 from tsdsr_jax.models.vae import VAEConfig
@@ -95,10 +95,8 @@ def _load_tree(file: Path, expected: dict[str, Any] | None, dtype: Any) -> dict:
     except SafetensorsError as e:
         raise ModelDirError(str(e)) from None
     if expected is not None:
-        problems = [f"missing {k}" for k in expected if k not in tensors]
-        problems += [f"unexpected {k}" for k in tensors if k not in expected]
-        problems += [f"{k} has shape {tensors.shape(k)}, expected {tuple(v.shape)}"
-                     for k, v in expected.items() if k in tensors and tensors.shape(k) != v.shape]
+        problems = shape_problems({k: tensors.shape(k) for k in tensors},
+                                  {k: v.shape for k, v in expected.items()})
         if problems:
             raise ModelDirError(f"{file}:\n  " + "\n  ".join(problems))
     return nest({k: jnp.asarray(np.asarray(tensors[k]), dtype or tensors[k].dtype)

@@ -11,7 +11,8 @@ from typing import Any
 
 
 def split_path(path: str) -> list[str]:
-    """A dotted diffusers path as tree keys: ``'blocks.0.attn.to_out.0'`` -> ``['blocks.0', 'attn', 'to_out.0']``."""
+    """A dotted diffusers path as tree keys:
+    ``'blocks.0.attn.to_out.0'`` -> ``['blocks.0', 'attn', 'to_out.0']``."""
     keys: list[str] = []
     for part in path.split("."):
         if part.isdigit() and keys:
@@ -43,3 +44,14 @@ def nest(flat: Mapping[str, Any]) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = value
     return tree
+
+
+def shape_problems(shapes: Mapping[str, tuple[int, ...]],
+                   expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """What keeps flat ``shapes`` from matching ``expected``: missing and unexpected names, and
+    names of another shape (empty when they match)."""
+    problems = [f"missing {k}" for k in expected if k not in shapes]
+    problems += [f"unexpected {k}" for k in shapes if k not in expected]
+    problems += [f"{k} has shape {tuple(shapes[k])}, expected {tuple(v)}"
+                 for k, v in expected.items() if k in shapes and tuple(shapes[k]) != tuple(v)]
+    return problems

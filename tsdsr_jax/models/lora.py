@@ -116,7 +116,8 @@ def _layers(tree: Mapping[str, Any], leaf: str) -> dict[str, Mapping[str, Any]]:
 
 
 def layer_paths(params: PyTree) -> dict[str, Mapping[str, Any]]:
-    """Every Dense/Conv of a params tree, ``{'transformer_blocks.0.attn.to_q': {'kernel': ...}}``."""
+    """Every Dense/Conv of a params tree:
+    ``{'transformer_blocks.0.attn.to_q': {'kernel': ...}}``."""
     return _layers(params, "kernel")
 
 

@@ -155,3 +155,13 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def read_state(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The state saved in a checkpoints folder, as plain nested dicts of numpy arrays
+    (:meth:`Checkpoints.restore_raw`); ``step`` or the newest readable one."""
+    checkpoints = Checkpoints(directory, create=False)
+    try:
+        return checkpoints.restore_raw(step)
+    finally:
+        checkpoints.close()

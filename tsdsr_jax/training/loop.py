@@ -17,13 +17,13 @@ from tqdm import tqdm
 from tsdsr_jax import sharding
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import save_png, to_uint8
-from tsdsr_jax.io.tree import flatten, nest
+from tsdsr_jax.io.tree import flatten, nest, shape_problems
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.models.targets import STUDENT_TARGETS
 from tsdsr_jax.training import run_config, stages
-from tsdsr_jax.training.checkpoint import Checkpoints
+from tsdsr_jax.training.checkpoint import Checkpoints, read_state
 from tsdsr_jax.training.preemption import Preemption
 from tsdsr_jax.training.run_config import ConfigError
 
@@ -71,11 +71,7 @@ def load_teacher(config: ml_collections.ConfigDict, model: model_dir.Model) -> o
                               "or set --config.teacher=sd3 to let the plain SD3 model teach)")
         return model.adapters["teacher"]
     try:
-        checkpoints = Checkpoints(config.teacher, create=False)
-        try:
-            state = checkpoints.restore_raw()
-        finally:
-            checkpoints.close()
+        state = read_state(config.teacher)
     except FileNotFoundError as e:
         raise ConfigError(f"teacher={config.teacher!r}: {e}; expected 'lora', 'sd3' or a "
                           "teacher run's checkpoints folder") from None
@@ -87,11 +83,10 @@ def load_teacher(config: ml_collections.ConfigDict, model: model_dir.Model) -> o
     for path, (a, b) in lora.adapter_shapes(model.params["transformer"], STUDENT_TARGETS,
                                             rank).items():
         expected |= {f"{path}.lora_A": a, f"{path}.lora_B": b}
-    wrong = sorted(k for k in expected.keys() | adapter.keys()
-                   if k not in adapter or k not in expected or adapter[k].shape != expected[k])
-    if wrong:
+    problems = shape_problems({k: v.shape for k, v in adapter.items()}, expected)
+    if problems:
         raise ConfigError(f"{config.teacher}: its teacher LoRA does not fit {config.model}: "
-                          + ", ".join(wrong[:5]) + (" …" if len(wrong) > 5 else ""))
+                          + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
     return nest({k: jnp.asarray(v) for k, v in adapter.items()})
 
 
