@@ -43,5 +43,9 @@ comma := ,
 demo: $(VENV)/.runtime
 	$(PY) infer.py --model $(MODEL) -i tests/data -o outputs/demo --compare
 
+# Two pytest workers, a test file each at a time: the GPU compiles and the subprocess tests
+# overlap with the rest (JOBS=1 runs them one after another).
+JOBS ?= 2
+
 test: $(VENV)/.test .venv-gpu/.aot
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile

@@ -18,7 +18,7 @@ from PIL import Image
 from tsdsr_jax.inference.command import main as infer_main
 from tsdsr_jax.training.command import main as train_main
 
-SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -143,7 +143,7 @@ TRAIN_OVERRIDES = st.tuples(
 ).map(lambda groups: [a for g in groups for a in g])
 
 
-@settings(SETTINGS, max_examples=25)  # refusals are cheap: only a valid config compiles
+@settings(SETTINGS, max_examples=15)  # refusals are cheap: only a valid config compiles
 @given(overrides=TRAIN_OVERRIDES)
 @example(overrides=["--config.tsd.dasm_steps=7"])
 @example(overrides=["--config.precision=fp8"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,7 @@ def test_fit_inference_on_every_card(card):
 
 def test_fit_finds_the_largest_batch():
     done = gpu_python("-m", "tsdsr_jax.aot.fit", "--gpu", "rtx4090", "--infer", "--model", "tiny",
-                      "--size", "128", "--process-size", "128", "--mem-fraction", "0.005",
+                      "--size", "128", "--process-size", "128", "--mem-fraction", "0.001",
                       timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] != []
@@ -132,6 +133,27 @@ def test_fit_finds_the_largest_batch():
     fits = {int(r[0]): r[-1] == "yes" for r in rows}
     best = int(done.stdout.rsplit("largest batch per GPU that fits: ", 1)[1].split()[0])
     assert fits[best] and best > 2 and fits.get(best + 1) is not True
+
+
+@pytest.mark.parametrize("budget", [0.5, 7.0, 30.5, 399.0, 1e9])
+def test_largest_batch_search_is_exact_and_short(budget):
+    """On a peak that is linear, then steeper past batch 20 (so the first line overshoots), the
+    search finds the largest batch that fits, checks its next one, and stops at MAX_BATCH."""
+    from tsdsr_jax.aot import fit
+
+    peak = lambda b: b + 3.0 * max(0, b - 20)  # noqa: E731
+    compiled = []
+
+    def compile_at(b):
+        compiled.append(b)
+        return types.SimpleNamespace(peak_bytes=peak(b))
+
+    got = fit.largest_batch(compile_at, {}, budget)
+    fitting = [b for b in range(1, fit.MAX_BATCH + 1) if peak(b) <= budget]
+    assert got == (max(fitting) if fitting else None)
+    if got and got < fit.MAX_BATCH:
+        assert got + 1 in compiled
+    assert len(compiled) == len(set(compiled)) <= 8, compiled
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -21,7 +21,7 @@ from tsdsr_jax.training.checkpoint import Checkpoints
 from tsdsr_jax.training.preemption import EXIT_CODE, Preemption
 
 ROOT = Path(__file__).parents[1]
-STEPS = 40
+STEPS = 20
 
 
 def command(workdir: Path, checkpoint_every: int = 1000) -> list[str]:

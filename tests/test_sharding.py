@@ -135,11 +135,11 @@ def run_state(workdir: Path):
 
 
 def test_two_processes_train_like_one(tmp_path):
-    """configs/tiny.py for 30 steps: two processes (one CPU device each, one data shard each)
+    """configs/tiny.py for 16 steps: two processes (one CPU device each, one data shard each)
     against one process with two devices reading both shards. The two processes are preempted
     together (SIGTERM, as SLURM does) a few steps in: they agree on a step, checkpoint it
     together and exit 75; two new ones, the same command, resume it to the end."""
-    total = 30
+    total = 16
     one = start(train_command(tmp_path / "one", total), cpu_env(2), tmp_path / "one.log")
     first = two_processes(tmp_path / "two", total)
     while logged_steps(tmp_path / "two") < 2:

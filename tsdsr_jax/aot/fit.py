@@ -102,23 +102,39 @@ def inference_runner(args: argparse.Namespace, devices: list
 
 def largest_batch(compile_at: Callable[[int], Plan], plans: dict[int, Plan], budget: float
                   ) -> int | None:
-    """The largest per-GPU batch whose peak fits ``budget``: linear in the batch through two
-    compiled batches, then checked (and stepped down) by compiling."""
-    for b in (1, 2):
+    """The largest per-GPU batch (at most ``MAX_BATCH``) whose peak fits ``budget``, with the
+    fewest compiles: each next batch is read off the line through the two nearest compiled
+    peaks (memory grows about linearly with the batch), or halves the range between the
+    largest batch that fits and the smallest that does not when a guess did not halve it. The
+    answer's next batch is compiled too, so the answer is checked, not extrapolated."""
+    def fits(b: int) -> bool:
         if b not in plans:
             plans[b] = compile_at(b)
-    slope = plans[2].peak_bytes - plans[1].peak_bytes
-    if plans[1].peak_bytes > budget:
+        return plans[b].peak_bytes <= budget
+
+    def bracket() -> tuple[int, int]:
+        """The largest batch known to fit, and the smallest above it known not to."""
+        lo = max(b for b in plans if fits(b))
+        return lo, min([b for b in plans if b > lo] + [MAX_BATCH + 1])
+
+    if not fits(1):
         return None
-    guess = MAX_BATCH if slope <= 0 else int((budget - plans[1].peak_bytes) // slope) + 1
-    guess = max(1, min(guess, MAX_BATCH))
-    while guess > 1:
-        if guess not in plans:
-            plans[guess] = compile_at(guess)
-        if plans[guess].peak_bytes <= budget:
-            return guess
-        guess -= 1
-    return 1
+    fits(2)
+    halve = False
+    while True:
+        lo, hi = bracket()
+        if hi - lo <= 1:
+            return lo
+        if halve and hi <= MAX_BATCH:
+            guess = (lo + hi) // 2
+        else:
+            low, high = (lo, hi) if hi in plans else (max(b for b in plans if b < lo), lo)
+            slope = (plans[high].peak_bytes - plans[low].peak_bytes) / (high - low)
+            guess = (hi - 1 if slope <= 0
+                     else lo + int((budget - plans[lo].peak_bytes) // slope))
+        fits(min(max(guess, lo + 1), hi - 1))
+        new_lo, new_hi = bracket()
+        halve = new_hi - new_lo > (hi - lo) / 2
 
 
 def main(argv: list[str] | None = None) -> int:
