@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import SD3Transformer2DModel
 
-from tsdsr_jax.conversion.layout import to_flax, torch_name
+from tsdsr_jax.conversion.torch_layout import to_flax, torch_name
 from tsdsr_jax.io.tree import flatten, nest
 from tsdsr_jax.models import mmdit, vae
 

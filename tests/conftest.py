@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, get_peft_model_state_dict
 
-from tsdsr_jax.conversion.layout import to_flax
+from tsdsr_jax.conversion.torch_layout import to_flax
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

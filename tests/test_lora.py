@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from tsdsr_jax.conversion.layout import to_flax, torch_name
+from tsdsr_jax.conversion.torch_layout import to_flax, torch_name
 from tsdsr_jax.io.tree import flatten, nest
 from tsdsr_jax.models import lora
 

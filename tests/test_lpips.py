@@ -18,8 +18,8 @@ from PIL import Image, ImageFilter
 
 from conftest import rel_err
 from tsdsr_jax.conversion.command import main as convert_main
-from tsdsr_jax.conversion.layout import ConversionError
 from tsdsr_jax.conversion.lpips import plan_lpips
+from tsdsr_jax.conversion.torch_layout import ConversionError
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.tree import flatten, nest
 from tsdsr_jax.models.lpips import lpips

@@ -12,7 +12,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from conftest import rel_err
-from tsdsr_jax.conversion.layout import match, to_flax
+from tsdsr_jax.conversion.torch_layout import match, to_flax
 from tsdsr_jax.io.tree import flatten, nest
 from tsdsr_jax.models import lora, mmdit
 from tsdsr_jax.models.mmdit import (

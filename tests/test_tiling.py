@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from PIL import Image
 
 from conftest import TINY_TRANSFORMER, TINY_VAE, jitter
-from tsdsr_jax.conversion.layout import match, to_flax
+from tsdsr_jax.conversion.torch_layout import match, to_flax
 from tsdsr_jax.inference import tiling
 from tsdsr_jax.io import tree
 from tsdsr_jax.models import mmdit

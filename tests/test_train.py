@@ -17,7 +17,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from configs import tiny
 from conftest import convert_release
 from tsdsr_jax.conversion.export import main as export_main
-from tsdsr_jax.conversion.layout import to_flax
+from tsdsr_jax.conversion.torch_layout import to_flax
 from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.diffusion.denoiser import Prompts
 from tsdsr_jax.io import model_dir

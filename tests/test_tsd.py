@@ -21,7 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import get_peft_model_state_dict
 
 from conftest import add_lora, convert_release, peft_grads, rel_err
-from tsdsr_jax.conversion.layout import to_flax, torch_name
+from tsdsr_jax.conversion.torch_layout import to_flax, torch_name
 from tsdsr_jax.diffusion.denoiser import Networks, Prompts, StudentAdapters
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.tree import flatten, nest

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from peft import LoraConfig, get_peft_model_state_dict
 
 from conftest import rel_err
-from tsdsr_jax.conversion.layout import match, to_flax
+from tsdsr_jax.conversion.torch_layout import match, to_flax
 from tsdsr_jax.io import tree
 from tsdsr_jax.models import lora
 from tsdsr_jax.models.vae import (

@@ -21,10 +21,10 @@ import numpy as np
 
 from tsdsr_jax import cli
 from tsdsr_jax.conversion.embeddings import read_embeddings
-from tsdsr_jax.conversion.layout import ConversionError, OutputFile
 from tsdsr_jax.conversion.lora import plan_adapter
 from tsdsr_jax.conversion.lpips import plan_lpips
 from tsdsr_jax.conversion.sd3 import plan_weights, read_network
+from tsdsr_jax.conversion.torch_layout import ConversionError, OutputFile
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.models import PRECISIONS
 from tsdsr_jax.models.targets import STUDENT_TARGETS, vae_encoder_targets

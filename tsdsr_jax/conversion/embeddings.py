@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tsdsr_jax.conversion.layout import ConversionError
+from tsdsr_jax.conversion.torch_layout import ConversionError
 
 FILES = {"prompt_embeds": "prompt_embeds.pt", "pooled_prompt_embeds": "pool_embeds.pt"}
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from tsdsr_jax import cli
-from tsdsr_jax.conversion.layout import OutputFile, to_torch, torch_name, torch_shape
 from tsdsr_jax.conversion.lora import PREFIX
+from tsdsr_jax.conversion.torch_layout import OutputFile, to_torch, torch_name, torch_shape
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.safetensors import SafeTensors
 from tsdsr_jax.io.tree import flatten

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
+from tsdsr_jax.conversion.torch_layout import ConversionError, OutputFile, plan_tree
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.safetensors import SafeTensors, SafetensorsError
 from tsdsr_jax.models.lora import adapter_shapes

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
+from tsdsr_jax.conversion.torch_layout import ConversionError, OutputFile, plan_tree
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.tree import flatten
 from tsdsr_jax.models import lpips

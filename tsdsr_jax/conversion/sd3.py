@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tsdsr_jax.conversion.layout import ConversionError, OutputFile, plan_tree
+from tsdsr_jax.conversion.torch_layout import ConversionError, OutputFile, plan_tree
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.safetensors import SafetensorsError, open_weights
 from tsdsr_jax.io.tree import flatten

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsdsr_jax import cli
-from tsdsr_jax.conversion.layout import ConversionError
 from tsdsr_jax.conversion.lpips import plan_lpips
+from tsdsr_jax.conversion.torch_layout import ConversionError
 from tsdsr_jax.evaluation import metrics
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import ImageError, list_images, load_image

@@ -2,7 +2,7 @@
 
 Module names are diffusers' names (``transformer_blocks.3.attn.to_q``), so a parameter's dotted
 path is its diffusers state-dict key with ``kernel``/``scale`` for ``weight`` (see
-:mod:`tsdsr_jax.conversion.layout`). Latents are NHWC::
+:mod:`tsdsr_jax.conversion.torch_layout`). Latents are NHWC::
 
     model = MMDiT(MMDiTConfig.sd3_medium())
     v = model.apply({'params': params}, latents, timestep, prompt_embeds, pooled_embeds)

@@ -385,7 +385,7 @@ def sample_posterior(mean: jax.Array, logvar: jax.Array, noise: jax.Array) -> ja
 
 def init_params(rng: jax.Array, config: VAEConfig) -> PyTree:
     """Freshly initialised float32 parameters."""
-    size = 2 ** (len(config.block_out_channels) - 1)
+    size = config.downscale_factor
     x = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
     return jax.jit(AutoencoderKL(config).init)(rng, x)["params"]
 
