@@ -8,8 +8,9 @@ Training takes the config's model (its config.json only; SD3-medium's shapes whe
 absent), its mesh over ``--gpus`` GPUs and ``batch_size`` as the global batch. Inference takes
 infer.py's network flags and the output side ``--size``. A program fits when its peak (arguments,
 outputs and temporaries, per GPU) is within the share of the card's memory that JAX takes
-(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by default). The largest batch is extrapolated from
-two compiles (memory grows linearly with the batch) and checked by a third.
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by default). The largest batch is read off the line
+through two compiles (memory grows about linearly with the batch), narrowed by a few more, and
+checked by compiling its next batch.
 """
 
 from __future__ import annotations
