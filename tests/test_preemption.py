@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from tsdsr_jax.training.checkpoint import Checkpoints
+from tsdsr_jax.training.checkpoint import Checkpoints, read_state
 from tsdsr_jax.training.preemption import EXIT_CODE, Preemption
 
 ROOT = Path(__file__).parents[1]
@@ -61,11 +61,7 @@ def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
 
 
 def state(workdir: Path) -> dict:
-    checkpoints = Checkpoints(workdir / "checkpoints", create=False)
-    try:
-        return checkpoints.restore_raw()
-    finally:
-        checkpoints.close()
+    return read_state(workdir / "checkpoints")
 
 
 def assert_same_state(got: dict, want: dict) -> None:

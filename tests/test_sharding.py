@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tsdsr_jax import sharding
-from tsdsr_jax.training.checkpoint import Checkpoints
+from tsdsr_jax.training.checkpoint import read_state
 from tsdsr_jax.training.preemption import EXIT_CODE
 
 ROOT = Path(__file__).parents[1]
@@ -128,10 +128,7 @@ def logged_steps(workdir: Path) -> int:
 
 
 def run_state(workdir: Path):
-    checkpoints = Checkpoints(workdir / "checkpoints", create=False)
-    state = checkpoints.restore_raw()
-    checkpoints.close()
-    return state
+    return read_state(workdir / "checkpoints")
 
 
 def test_two_processes_train_like_one(tmp_path):

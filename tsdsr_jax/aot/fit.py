@@ -108,7 +108,7 @@ def largest_batch(compile_at: Callable[[int], Plan], plans: dict[int, Plan], bud
     peaks (memory grows about linearly with the batch), or halves the range between the
     largest batch that fits and the smallest that does not when a guess did not halve it. The
     answer's next batch is compiled too, so the answer is checked, not extrapolated."""
-    def fits(b: int) -> bool:
+    def fits(b: int) -> bool:  # compiles batch b the first time it is asked
         if b not in plans:
             plans[b] = compile_at(b)
         return plans[b].peak_bytes <= budget
@@ -120,7 +120,7 @@ def largest_batch(compile_at: Callable[[int], Plan], plans: dict[int, Plan], bud
 
     if not fits(1):
         return None
-    fits(2)
+    fits(2)  # two points for the first line
     halve = False
     while True:
         lo, hi = bracket()
