@@ -165,6 +165,26 @@ def test_matches_diffusers(variant):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_precomputed_conditioning_matches_diffusers(variant):
+    """One timestep and prompt's Conditioning, computed once, serves a batch: diffusers' output
+    with them repeated, from params without the layers it replaces."""
+    cfg = MMDiTConfig(**VARIANTS[variant], attention_impl="xla")
+    model = tiny_torch(VARIANTS[variant])
+    params = base_params(model, cfg)
+    x, t, ctx, pooled = inputs(cfg, 6, 10)
+    t[:], ctx[1], pooled[1] = 1000.0, ctx[0], pooled[0]
+    conditioning = mmdit.condition(cfg, params, t[:1], ctx[:1], pooled[:1])
+    network = mmdit.without_conditioning(params)
+    dropped = set(flatten(params)) - set(flatten(network))
+    assert {p.split(".")[0] for p in dropped} == {"time_text_embed", "context_embedder",
+                                                  "transformer_blocks", "norm_out"}
+    assert all(".norm1" in p for p in dropped if p.startswith("transformer_blocks"))
+    out = MMDiT(cfg).apply({"params": network}, x, conditioning=conditioning)
+    err = rel_err(np.asarray(out), torch_forward(model, x, t, ctx, pooled))
+    assert err <= TOL, err
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_lora_matches_peft(variant):
     from peft import LoraConfig, get_peft_model_state_dict
     cfg = MMDiTConfig(**VARIANTS[variant], attention_impl="xla")

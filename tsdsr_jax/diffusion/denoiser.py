@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tsdsr_jax.diffusion import schedule
-from tsdsr_jax.models.mmdit import MMDiT
+from tsdsr_jax.models.mmdit import Conditioning, MMDiT
 from tsdsr_jax.models.vae import AutoencoderKL, sample_posterior
 
 PyTree = Any
@@ -79,12 +79,16 @@ def deinterleave(x: jax.Array, k: int) -> list[jax.Array]:
 
 
 def velocity(nets: Networks, base: PyTree, adapter: PyTree | None, x: jax.Array,
-             timestep: jax.Array, prompts: Prompts) -> jax.Array:
-    """The transformer's prediction ``v ≈ ε − x_0`` with one adapter (or none), float32."""
+             timestep: jax.Array, prompts: Prompts | Conditioning) -> jax.Array:
+    """The transformer's prediction ``v ≈ ε − x_0`` with one adapter (or none), float32; given
+    the :class:`Conditioning` of ``timestep`` and the prompts, ``timestep`` is not read."""
     variables = {"params": base} if adapter is None else {"params": base, "lora": adapter}
     dtype = nets.mmdit.config.dtype
-    out = nets.mmdit.apply(variables, x.astype(dtype), timestep,
-                           prompts.embeds.astype(dtype), prompts.pooled.astype(dtype))
+    if isinstance(prompts, Conditioning):
+        out = nets.mmdit.apply(variables, x.astype(dtype), conditioning=prompts)
+    else:
+        out = nets.mmdit.apply(variables, x.astype(dtype), timestep,
+                               prompts.embeds.astype(dtype), prompts.pooled.astype(dtype))
     return out.astype(jnp.float32)
 
 
@@ -130,7 +134,7 @@ def decode(nets: Networks, vae: PyTree, latents: jax.Array,
 
 
 def student(nets: Networks, base: PyTree, adapters: StudentAdapters | None, lr: jax.Array,
-            default: Prompts, noise: jax.Array | None = None, *,
+            default: Prompts | Conditioning, noise: jax.Array | None = None, *,
             encoder: Callable[[jax.Array], Moments] | None = None,
             tiles: Callable[[Callable, jax.Array], jax.Array] | None = None
             ) -> tuple[jax.Array, jax.Array]:
@@ -138,7 +142,8 @@ def student(nets: Networks, base: PyTree, adapters: StudentAdapters | None, lr: 
     to the output size.
 
     ``base`` is ``{'transformer': …, 'vae': …}``; ``adapters=None`` when the LoRA is merged into
-    it. ``default`` is the unbatched default prompt. ``noise`` draws the posterior sample
+    it. ``default`` is the unbatched default prompt, or (LoRA merged) its conditioning at
+    :data:`STUDENT_TIMESTEP`. ``noise`` draws the posterior sample
     (``None``: its mean). For large images, ``encoder`` replaces the VAE encoder and
     ``tiles(fn, z_L)`` runs the transformer's ``fn`` over tiles of ``z_L``."""
     vae = {"params": base["vae"]}
@@ -150,8 +155,9 @@ def student(nets: Networks, base: PyTree, adapters: StudentAdapters | None, lr: 
 
     def v_of(z: jax.Array) -> jax.Array:
         n = z.shape[0]
+        prompts = default if isinstance(default, Conditioning) else default.batched(n)
         return velocity(nets, base["transformer"], transformer_adapter, z,
-                        jnp.full((n,), STUDENT_TIMESTEP), default.batched(n))
+                        jnp.full((n,), STUDENT_TIMESTEP), prompts)
 
     v = v_of(z_l) if tiles is None else tiles(v_of, z_l)
     return z_l, z_l - STUDENT_SIGMA * v

@@ -26,13 +26,20 @@ from PIL import Image
 
 from tsdsr_jax import sharding
 from tsdsr_jax.checks import in_range, one_of
-from tsdsr_jax.diffusion.denoiser import MULTIPLE, PATCH_SIZE, Networks, Prompts, decode, student
+from tsdsr_jax.diffusion.denoiser import (
+    MULTIPLE,
+    PATCH_SIZE,
+    STUDENT_TIMESTEP,
+    Networks,
+    decode,
+    student,
+)
 from tsdsr_jax.inference import colorfix, tiling
 from tsdsr_jax.inference.resize import resize_bicubic
 from tsdsr_jax.io.images import to_uint8
 from tsdsr_jax.io.model_dir import Model
-from tsdsr_jax.models import PRECISIONS, lora
-from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT
+from tsdsr_jax.models import PRECISIONS, lora, mmdit
+from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT, MMDiTConfig
 from tsdsr_jax.models.vae import AutoencoderKL
 
 K = TypeVar("K")
@@ -101,18 +108,23 @@ def attention_impl(config: InferenceConfig) -> str | None:
 
 
 def inference_params(params: dict[str, Any], adapters: dict[str, Any],
-                     default_prompt: dict[str, Any], dtype: Any) -> dict[str, Any]:
-    """The network's inputs: the student LoRA merged into the base (where the model has it),
-    everything in ``dtype``."""
+                     default_prompt: dict[str, Any], config: MMDiTConfig) -> dict[str, Any]:
+    """The network's inputs, in ``config.dtype``: the student LoRA merged into the base (where
+    the model has it), and the transformer's conditioning on the student's timestep and the
+    default prompt, computed once here (the network holds no weights behind it)."""
     transformer, vae = params["transformer"], params["vae"]
     if "student" in adapters:
         transformer = lora.merge(transformer, adapters["student"])
     if "student_vae" in adapters:
         vae = lora.merge(vae, adapters["student_vae"])
-    cast = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, dtype))
-    return {"transformer": cast(transformer), "vae": cast(vae),
-            "default": Prompts(cast(default_prompt["prompt_embeds"]),
-                               cast(default_prompt["pooled_prompt_embeds"]))}
+    cast = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, config.dtype))
+    transformer = cast(transformer)
+    prompt = cast(default_prompt)
+    conditioning = mmdit.condition(config, transformer, jnp.full((1,), STUDENT_TIMESTEP),
+                                   prompt["prompt_embeds"][None],
+                                   prompt["pooled_prompt_embeds"][None])
+    return {"transformer": mmdit.without_conditioning(transformer), "vae": cast(vae),
+            "default": conditioning}
 
 
 class Pipeline:
@@ -128,14 +140,14 @@ class Pipeline:
         if "default" not in model.embeddings:
             raise ValueError(f"{model.path}: no default-prompt embeddings "
                              "(convert with --embeddings)")
-        prepare = functools.partial(inference_params, dtype=dtype)
-        args = (model.params, model.adapters, model.embeddings["default"])
-        abstract = isinstance(jax.tree_util.tree_leaves(model.params)[0], jax.ShapeDtypeStruct)
-        self.params = jax.eval_shape(prepare, *args) if abstract else prepare(*args)
         self.nets = Networks(
             MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
                                       attention_impl=attention_impl(config))),
             AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype)))
+        prepare = functools.partial(inference_params, config=self.nets.mmdit.config)
+        args = (model.params, model.adapters, model.embeddings["default"])
+        abstract = isinstance(jax.tree_util.tree_leaves(model.params)[0], jax.ShapeDtypeStruct)
+        self.params = jax.eval_shape(prepare, *args) if abstract else prepare(*args)
         if mesh is None:
             self.network = jax.jit(self._super_resolve, static_argnums=3)
         else:

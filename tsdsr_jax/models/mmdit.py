@@ -17,7 +17,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -220,30 +220,18 @@ class _PatchEmbed(nn.Module):
         return (y + pos).astype(y.dtype).reshape(b, h * w, d)
 
 
-class _AdaLNZero(nn.Module):
-    """``norm1`` / ``norm1_context``: LayerNorm(x) and ``chunks`` modulation vectors from
-    ``linear(silu(temb))`` (6: shift, scale, gate for attention and MLP; 9 adds attn2's)."""
+class _AdaLN(nn.Module):
+    """``norm1`` / ``norm1_context`` / ``norm_out``: an adaptive LayerNorm's modulation vectors
+    ``linear(silu(temb))``, (B, features); the norm itself has no parameters (:func:`_layer_norm`).
+    AdaLN-Zero splits them into (shift, scale, gate) for attention and MLP (and attn2's, SD3.5);
+    AdaLN-Continuous (``norm_out``, the last ``norm1_context``) into (scale, shift), this order."""
 
-    chunks: int
+    features: int
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-        emb = Dense(self.chunks * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
-        return _layer_norm(x), jnp.split(emb, self.chunks, axis=-1)
-
-
-class _AdaLNContinuous(nn.Module):
-    """``norm_out`` / last ``norm1_context``: LayerNorm(x) modulated by ``(scale, shift)`` — this
-    order, unlike AdaLN-Zero's ``(shift, scale, ...)``."""
-
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        emb = Dense(2 * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
-        scale, shift = jnp.split(emb, 2, axis=-1)
-        return _modulate(_layer_norm(x), shift, scale)
+    def __call__(self, temb: jax.Array) -> jax.Array:
+        return Dense(self.features, dtype=self.dtype, name="linear")(nn.silu(temb))
 
 
 class _GELUProj(nn.Module):
@@ -343,16 +331,27 @@ class JointTransformerBlock(nn.Module):
     dual_attention: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, temb: jax.Array
+    def __call__(self, x: jax.Array, context: jax.Array, temb: jax.Array | None,
+                 modulation: Mapping[str, jax.Array] | None = None
                  ) -> tuple[jax.Array | None, jax.Array]:
+        """``modulation``: this block's ``norm1`` and ``norm1_context`` outputs, precomputed
+        (:class:`Conditioning`), in place of ``temb``."""
         cfg = self.config
-        x_norm, mods = _AdaLNZero(9 if self.dual_attention else 6, cfg.dtype, name="norm1")(x, temb)
+
+        def adaln(name: str, chunks: int) -> list[jax.Array]:
+            emb = (modulation[name] if modulation is not None else
+                   _AdaLN(chunks * cfg.inner_dim, cfg.dtype, name=name)(temb))
+            return jnp.split(emb, chunks, axis=-1)
+
+        x_norm = _layer_norm(x)
+        mods = adaln("norm1", 9 if self.dual_attention else 6)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         if self.context_pre_only:
-            c_in = _AdaLNContinuous(cfg.dtype, name="norm1_context")(context, temb)
+            c_scale, c_shift = adaln("norm1_context", 2)
+            c_in = _modulate(_layer_norm(context), c_shift, c_scale)
         else:
-            c_norm, c_mods = _AdaLNZero(6, cfg.dtype, name="norm1_context")(context, temb)
-            c_in = _modulate(c_norm, c_mods[0], c_mods[1])
+            c_mods = adaln("norm1_context", 6)
+            c_in = _modulate(_layer_norm(context), c_mods[0], c_mods[1])
 
         attn = _Attention(cfg, self.context_pre_only, name="attn")
         x_attn, c_attn = attn(_modulate(x_norm, shift_msa, scale_msa), c_in)
@@ -378,40 +377,90 @@ class JointTransformerBlock(nn.Module):
 _TOKENS = ("activation_batch", None, None)
 
 
+class Conditioning(NamedTuple):
+    """What the transformer derives from the timestep and the prompt alone: the projected prompt
+    tokens (``context_embedder``) and every adaptive norm's modulation vectors, keyed by module
+    path (``transformer_blocks.3.norm1``, ``norm_out``). When both are fixed, as in one-step
+    inference, :func:`condition` computes them once, and the network neither recomputes them
+    nor holds the weights behind them (:func:`without_conditioning`)."""
+
+    context: jax.Array                  # (B, L, D)
+    modulation: dict[str, jax.Array]    # (B, chunks * D)
+
+
+_CONDITIONING = ("time_text_embed", "context_embedder", "norm1", "norm1_context", "norm_out")
+
+
 class MMDiT(nn.Module):
     """``SD3Transformer2DModel``: ``(B,H,W,C) latents, (B,) timesteps, (B,L,joint_attention_dim)
     prompt embeddings, (B,pooled_projection_dim) pooled embeddings -> (B,H,W,out_channels)`` in
-    ``config.dtype``. H and W are latent pixels (patchified inside)."""
+    ``config.dtype``. H and W are latent pixels (patchified inside). With a precomputed
+    ``conditioning`` (batch 1 or B) the timesteps and prompts are not given."""
 
     config: MMDiTConfig
 
     @nn.compact
-    def __call__(self, hidden_states: jax.Array, timestep: jax.Array,
-                 encoder_hidden_states: jax.Array, pooled_projections: jax.Array) -> jax.Array:
+    def __call__(self, hidden_states: jax.Array, timestep: jax.Array | None = None,
+                 encoder_hidden_states: jax.Array | None = None,
+                 pooled_projections: jax.Array | None = None, *,
+                 conditioning: Conditioning | None = None) -> jax.Array:
         cfg = self.config
         b, height, width, _ = hidden_states.shape
         p = cfg.patch_size
         x = _PatchEmbed(cfg, name="pos_embed")(hidden_states)
-        temb = _TimeTextEmbed(cfg.inner_dim, cfg.dtype, name="time_text_embed")(
-            timestep, pooled_projections)
-        context = Dense(cfg.caption_projection_dim, dtype=cfg.dtype, name="context_embedder")(
-            encoder_hidden_states)
+        temb, modulation = None, None
+        if conditioning is None:
+            temb = _TimeTextEmbed(cfg.inner_dim, cfg.dtype, name="time_text_embed")(
+                timestep, pooled_projections)
+            context = Dense(cfg.caption_projection_dim, dtype=cfg.dtype,
+                            name="context_embedder")(encoder_hidden_states)
+        else:
+            context, modulation = conditioning
+            context = jnp.broadcast_to(context, (b, *context.shape[1:]))
         block_class = JointTransformerBlock
         if cfg.remat_policy is not None:
             block_class = nn.remat(JointTransformerBlock, policy=remat.POLICIES[cfg.remat_policy])
         for i in range(cfg.num_layers):
+            name = f"transformer_blocks.{i}"
             block = block_class(cfg, context_pre_only=i == cfg.num_layers - 1,
-                                          dual_attention=i in cfg.dual_attention_layers,
-                                          name=f"transformer_blocks.{i}")
-            context, x = block(x, context, temb)
+                                dual_attention=i in cfg.dual_attention_layers, name=name)
+            context, x = block(x, context, temb, modulation and {
+                k: modulation[f"{name}.{k}"] for k in ("norm1", "norm1_context")})
             x = nn.with_logical_constraint(x, _TOKENS)
             if context is not None:
                 context = nn.with_logical_constraint(context, _TOKENS)
-        x = _AdaLNContinuous(cfg.dtype, name="norm_out")(x, temb)
+        emb = (modulation["norm_out"] if modulation is not None else
+               _AdaLN(2 * cfg.inner_dim, cfg.dtype, name="norm_out")(temb))
+        scale, shift = jnp.split(emb, 2, axis=-1)
+        x = _modulate(_layer_norm(x), shift, scale)
         x = Dense(p * p * cfg.out_channels, dtype=cfg.dtype, name="proj_out")(x)
         h, w = height // p, width // p
         x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * p, w * p, cfg.out_channels)
+
+
+def condition(config: MMDiTConfig, params: PyTree, timestep: jax.Array,
+              encoder_hidden_states: jax.Array, pooled_projections: jax.Array) -> Conditioning:
+    """The :class:`Conditioning` of (B,) timesteps and prompts, computed by the same layers as
+    the forward, from ``params`` with any LoRA merged into them."""
+    dtype = config.dtype
+    temb = _TimeTextEmbed(config.inner_dim, dtype).apply(
+        {"params": params["time_text_embed"]}, timestep, pooled_projections)
+    context = Dense(config.caption_projection_dim, dtype=dtype).apply(
+        {"params": params["context_embedder"]}, encoder_hidden_states)
+    norms = {"norm_out": params["norm_out"]}
+    for i in range(config.num_layers):
+        block = params[f"transformer_blocks.{i}"]
+        norms |= {f"transformer_blocks.{i}.{k}": block[k] for k in ("norm1", "norm1_context")}
+    return Conditioning(context, {
+        path: _AdaLN(norm["linear"]["kernel"].shape[-1], dtype).apply({"params": norm}, temb)
+        for path, norm in norms.items()})
+
+
+def without_conditioning(params: PyTree) -> PyTree:
+    """``params`` less the layers that :func:`condition` replaces."""
+    return {k: (without_conditioning(v) if isinstance(v, Mapping) else v)
+            for k, v in params.items() if k not in _CONDITIONING}
 
 
 # --------------------------------------------------------------------------- parameters
