@@ -94,6 +94,9 @@ plan = compile_plan(jax.jit(lambda x: x * 2 + 1), (spec(1024, 1024),))
 print(plan.kernels, plan.bytes_moved, plan.roofline_s())
 plan = compile_plan(jax.jit(lambda x: x[:, :1]), (spec(1024, 1024),))
 print(plan.kernels, plan.bytes_moved)
+quarters = lambda x: x.reshape(1024, 4, 256)[:, 1] * 2 + x.reshape(1024, 4, 256)[:, 3]
+plan = compile_plan(jax.jit(quarters), (spec(1024, 1024),))
+print(plan.kernels, plan.bytes_moved)
 up = NearestX2Conv(64, jnp.bfloat16)
 plan = compile_plan(jax.jit(lambda p, x: up.apply({"params": p}, x)),
                     ({"kernel": spec(3, 3, 64, 64), "bias": spec(64)}, spec(1, 32, 32, 64)))
@@ -103,15 +106,18 @@ print("convBackwardInput" in plan.hlo, "[1,67,67,64]" in plan.hlo)
 
 def test_plan_bytes_roofline_and_the_upsample_kernel():
     """An elementwise kernel moves its input and output (2 x 2 MiB) and is bound by the
-    bandwidth; a slice moves what it keeps, twice; the VAE's nearest x2 + conv compiles to cuDNN's transposed convolution of the
-    input, with no zero-filled copy (32 -> 2·32 - 1 + 2·2 = 67 pixels) built."""
+    bandwidth; a slice moves what it keeps, twice; a fusion that takes two quarters of its
+    input (through a bitcast) reads those alone; the VAE's nearest x2 + conv compiles to cuDNN's
+    transposed convolution of the input, with no zero-filled copy (32 -> 2·32 - 1 + 2·2 = 67
+    pixels) built."""
     done = gpu_python("-c", ROOFLINE, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    counts, sliced, upsample = done.stdout.splitlines()[-3:]
+    counts, sliced, quarters, upsample = done.stdout.splitlines()[-4:]
     kernels, moved, bound = counts.split()
     assert int(kernels) == 1 and float(moved) == 2 * 1024 * 1024 * 2
     assert float(bound) == pytest.approx(float(moved) / 4.2e12)
     assert sliced.split() == ["1", str(2 * 1024 * 2)]  # a slice reads what it keeps
+    assert quarters.split() == ["1", str(3 * 1024 * 256 * 2)]  # two quarters in, one out
     assert upsample.split() == ["True", "False"]
 
 

@@ -182,15 +182,44 @@ def _result_bytes(result: str) -> int:
 _SLICES = ("slice", "dynamic-slice")
 
 
+def _operand_reads(body: list[tuple], operands: list[str], sizes: dict[str, int]) -> int:
+    """What a fusion reads of its operands: all of each, but only the slices it takes of an
+    operand that it uses through slices alone (bitcasts looked through)."""
+    users: dict[str, list[tuple[str, str, str]]] = {}
+    params = {}
+    for name, result, op, rest in body:
+        if op == "parameter":
+            params[re.match(r"(\d+)\)", rest).group(1)] = name
+        for used in re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0]):
+            users.setdefault(used, []).append((name, result, op))
+
+    def uses(name: str) -> list[tuple[str, str]]:
+        return [u for n, result, op in users.get(name, [])
+                for u in (uses(n) if op == "bitcast" else [(result, op)])]
+
+    total = 0
+    for i, operand in enumerate(operands):
+        reads = uses(params[str(i)]) if str(i) in params else []
+        full = sizes.get(operand, 0)
+        if reads and all(op in _SLICES for _, op in reads):
+            total += min(full, sum(_result_bytes(result) for result, _ in reads))
+        else:
+            total += full
+    return total
+
+
 def _moved_bytes(op: str, result: str, rest: str, sizes: dict[str, int],
                  computations: dict[str, list[tuple]]) -> int:
-    """A launch's operands and results; a fusion that only slices reads just what it keeps."""
+    """A launch's operands and results; a fusion that only slices reads what it keeps, and any
+    fusion only the slices it takes of an operand that it uses through slices alone."""
     out = _result_bytes(result)
     called = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None
     body = computations.get(called.group(1), []) if called else []
     if op in _SLICES or (body and body[-1][2] in _SLICES):
         return 2 * out
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    if body:
+        return out + _operand_reads(body, operands, sizes)
     return out + sum(sizes.get(o, 0) for o in operands)
 
 
