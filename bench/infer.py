@@ -3,8 +3,9 @@
     python bench/infer.py                 # full-size SD3-medium + SD3 VAE, random weights (GPU)
     python bench/infer.py --tiny          # the tiny random model, small sizes (checks the script)
 
-Times ``Pipeline.network`` (bicubic ×4 → encode → one transformer step → decode, LoRA merged)
-on device arrays, as the PyTorch references in ../shared/bench do; prints one table. Run those
+Times ``Pipeline.network`` (uint8 LR → bicubic ×4 → encode → one transformer step → decode →
+wavelet colour fix → uint8 SR, LoRA merged) on device arrays; the PyTorch references in
+../shared/bench time their networks without the colour fix. Prints one table. Run those
 references in the same GPU call (bench/RESULTS.md has the command) and report the ratios.
 """
 
@@ -14,6 +15,7 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
@@ -68,7 +70,7 @@ def main() -> None:
     for name, batch, side, options in (TINY if args.tiny else FULL):
         pipe = Pipeline(model, InferenceConfig(precision=args.precision, vae_posterior="sample",
                                                attention_impl=args.attention, **options))
-        lr = jax.random.uniform(jax.random.key(1), (batch, side, side, 3))
+        lr = jax.random.randint(jax.random.key(1), (batch, side, side, 3), 0, 256, jnp.uint8)
         rng = jax.random.key(2)
         size = (4 * side, 4 * side)
         call = lambda: pipe.network(pipe.params, lr, rng, size)  # noqa: E731

@@ -75,7 +75,8 @@ def test_sharded_steps_equal_one_device(tmp_path):
     assert result["restored"]["weights"] == result["4x2"]["weights"]  # restored exactly
     assert result["restored"]["same_shardings"]
     assert result["restored"]["data"] == {"position": 7}
-    assert result["inference"] <= 1e-5
+    # uint8 outputs: float differences of ~1e-6 flip the rounding of a rare value by one level
+    assert result["inference"]["max"] <= 1 and result["inference"]["differ"] <= 1e-3
 
 
 def free_port() -> int:

@@ -81,10 +81,9 @@ def inference(model: model_dir.Model, config: InferenceConfig, batch: int,
     split over them, as ``--devices``)."""
     mesh = sharding.make_mesh(sharding.ShardingConfig(data=len(devices)), devices)
     pipe = Pipeline(model, config, mesh)
-    height, width, _ = target_size(*lr_size, config)
-    lr = jax.ShapeDtypeStruct((batch, *lr_size, 3), jnp.float32)
+    lr = jax.ShapeDtypeStruct((batch, *lr_size, 3), jnp.uint8)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    return Program(pipe.network, (pipe.params, lr, key, (height, width)), mesh)
+    return Program(pipe.network, (pipe.params, lr, key, target_size(*lr_size, config)), mesh)
 
 
 def training(config: ml_collections.ConfigDict, devices: list) -> Program:

@@ -11,7 +11,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 WAVELET_LEVELS = 5
 ADAIN_EPS = 1e-5
@@ -66,15 +65,7 @@ def no_color_fix(target: jax.Array, source: jax.Array) -> jax.Array:
 
 
 COLOR_FIXES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    "wavelet": wavelet_color_fix,  # source: the LR upscaled to the target's size, pil_upscale
+    "wavelet": wavelet_color_fix,  # source: the LR upscaled to the target's size by PIL
     "adain": adain_color_fix,      # source: the LR at its own size
     "none": no_color_fix,
 }
-
-
-def pil_upscale(image_uint8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The official wavelet source: PIL's default ``Image.resize`` (bicubic) of an (H, W, 3)
-    uint8 image to ``size = (height, width)``, as float32 in [0, 1]."""
-    height, width = size
-    resized = Image.fromarray(image_uint8).resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(resized, dtype=np.float32) / 255

@@ -6,8 +6,10 @@
 As the official ``test_tsdsr.py``, per image: bicubic upsampling with PyTorch's semantics,
 padding to a multiple of 16, then the one-step student of :mod:`tsdsr_jax.diffusion.denoiser`
 (its LoRA merged; Gaussian latent tiles when large), decode, crop back, and the colour fix
-against the LR image. The network part is one jitted function per (batch, size) bucket; given
-a device mesh, each batch is split over its devices (the weights over ``fsdp``, as in training).
+against the LR image (its wavelet source, and an output made larger than ×upscale, resized as
+PIL does: :mod:`~tsdsr_jax.inference.pil_resize`). All of it is one jitted function per
+(batch, size), uint8 in and uint8 out; given a device mesh, each batch is split over its devices
+(the weights over ``fsdp``, as in training).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from tsdsr_jax import sharding
 from tsdsr_jax.checks import in_range, one_of
@@ -35,6 +36,7 @@ from tsdsr_jax.diffusion.denoiser import (
     student,
 )
 from tsdsr_jax.inference import colorfix, tiling
+from tsdsr_jax.inference.pil_resize import pil_resize
 from tsdsr_jax.inference.resize import resize_bicubic
 from tsdsr_jax.io.images import to_uint8
 from tsdsr_jax.io.model_dir import Model
@@ -86,17 +88,15 @@ class InferenceConfig:
         one_of(self, "attention_impl", ATTENTION_IMPLS)
 
 
-def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, int, bool]:
-    """The size the network produces for an LR image, and whether it differs from ×upscale.
-
-    The official rule: an image with a side below process_size/upscale is first scaled so that
-    its short side reaches it (the result is resized back to ×upscale afterwards)."""
+def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, int]:
+    """The size the network makes for an LR image: ×upscale, unless a side is below
+    process_size/upscale. Then, as the official rule, the image is first scaled so that its
+    short side reaches it (and the result is resized back to ×upscale afterwards)."""
     low = config.process_size // config.upscale
     if width < low or height < low:
         scale = low / min(width, height)
         height, width = int(scale * height), int(scale * width)
-        return config.upscale * height, config.upscale * width, True
-    return config.upscale * height, config.upscale * width, False
+    return config.upscale * height, config.upscale * width
 
 
 def attention_impl(config: InferenceConfig) -> str | None:
@@ -159,15 +159,16 @@ class Pipeline:
                 self._super_resolve, static_argnums=3,
                 in_shardings=(params_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                 out_shardings=sharding.replicated(mesh))
-        self._color_fix = jax.jit(colorfix.COLOR_FIXES[config.color_fix])
 
     # ------------------------------------------------------------------ the jitted network
 
     def _super_resolve(self, params: dict[str, Any], lr: jax.Array, rng: jax.Array,
                        size: tuple[int, int]) -> jax.Array:
-        """(B, h, w, 3) LR in [0, 1] -> (B, *size, 3) SR in [0, 1], float32."""
+        """(B, h, w, 3) uint8 LR -> (B, h·upscale, w·upscale, 3) uint8 SR, made at ``size``
+        (:func:`target_size`) and colour-fixed against the LR."""
         cfg, nets = self.config, self.nets
-        x = jnp.clip(resize_bicubic(lr.astype(jnp.float32), size) * 2 - 1, -1, 1)
+        image = lr.astype(jnp.float32) / 255
+        x = jnp.clip(resize_bicubic(image, size) * 2 - 1, -1, 1)
         pad_h, pad_w = (-size[0]) % MULTIPLE, (-size[1]) % MULTIPLE
         x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
         vae = {"params": params["vae"]}
@@ -186,31 +187,27 @@ class Pipeline:
                                   overlap=cfg.latent_overlap, max_tiles=cfg.latent_max_tiles)
         _, z_h = student(nets, params, None, x, params["default"], noise, encoder=encoder,
                          tiles=tiles)
-        image = jnp.clip(decode(nets, vae, z_h, decoder), -1, 1)[:, :size[0], :size[1]]
-        return image * 0.5 + 0.5
+        sr = jnp.clip(decode(nets, vae, z_h, decoder), -1, 1)[:, :size[0], :size[1]] * 0.5 + 0.5
+        final = (cfg.upscale * lr.shape[1], cfg.upscale * lr.shape[2])
+        if size != final:  # the official path: back to ×upscale with PIL's default resize
+            sr = pil_resize(to_uint8(sr), final).astype(jnp.float32) / 255
+        source = image
+        if cfg.color_fix == "wavelet":  # the LR upscaled by PIL to the output's size
+            source = pil_resize(lr, final).astype(jnp.float32) / 255
+        return to_uint8(colorfix.COLOR_FIXES[cfg.color_fix](sr, source))
 
     # ------------------------------------------------------------------ images in, images out
 
     def super_resolve(self, lr: np.ndarray, rng: jax.Array) -> np.ndarray:
         """A batch of same-sized LR images (B, h, w, 3) uint8 -> SR (B, H, W, 3) uint8; with a
         mesh, B must be a multiple of its size."""
-        cfg = self.config
-        h, w = lr.shape[1:3]
-        th, tw, resized = target_size(h, w, cfg)
         if self.mesh is not None and lr.shape[0] % self.mesh.size:
             raise ValueError(f"a batch of {lr.shape[0]} does not split over "
                              f"{self.mesh.size} devices")
+        size = target_size(*lr.shape[1:3], self.config)
         with sharding.activate(self.mesh) if self.mesh else contextlib.nullcontext():
-            sr = self.network(self.params, np.asarray(lr, np.float32) / 255.0, rng, (th, tw))
-        final = (cfg.upscale * h, cfg.upscale * w)
-        if resized:  # the official path: back to ×upscale with PIL's default (bicubic) resize
-            sr = np.stack([np.asarray(Image.fromarray(to_uint8(s)).resize(final[::-1]))
-                           for s in np.asarray(sr)]).astype(np.float32) / 255.0
-        if cfg.color_fix == "wavelet":
-            source = np.stack([colorfix.pil_upscale(im, final) for im in lr])
-        else:
-            source = lr.astype(np.float32) / 255.0
-        return to_uint8(np.asarray(self._color_fix(jnp.asarray(sr), jnp.asarray(source))))
+            sr = self.network(self.params, np.asarray(lr, np.uint8), rng, size)
+        return np.asarray(sr)
 
     def batches(self, images: Iterable[tuple[K, np.ndarray]], batch_size: int = 1,
                 seed: int = 42) -> Iterator[list[tuple[K, np.ndarray, np.ndarray]]]:

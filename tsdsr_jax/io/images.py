@@ -6,6 +6,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -73,6 +75,8 @@ def save_png(image: np.ndarray, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Floats in [0, 1] -> uint8, rounded to nearest."""
-    return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+def to_uint8(image: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """Floats in [0, 1] -> uint8, rounded to nearest (numpy in, numpy out; jax, traced too, in
+    jax out)."""
+    xp = jnp if isinstance(image, jax.Array) else np
+    return xp.clip(xp.rint(xp.asarray(image) * 255.0), 0, 255).astype(xp.uint8)
