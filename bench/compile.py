@@ -49,13 +49,14 @@ def inference_case(side: int, batch: int, tiny_model: bool, **options):
                                       (side // 4, side // 4), gpu_devices(CARD, 1))
 
 
-def training_case(stage: str, batch: int, tiny_model: bool, gpus: int = 1, **overrides):
+def training_case(stage: str, batch: int, tiny_model: bool, gpus: int = 1, remat: str = "full",
+                  **overrides):
     def build():
         config = (tiny.get_config(stage) if tiny_model else
                   (tsd if stage == "tsd" else teacher).get_config())
         config.model = "tiny" if tiny_model else "sd3-medium"
         config.precision, config.attention_impl = "bf16", "cudnn"
-        config.remat_policy = "full"
+        config.remat_policy = remat
         config.batch_size = batch
         for key, value in overrides.items():
             parent, leaf = key.split(".")
@@ -78,6 +79,7 @@ def cases(tiny_model: bool) -> dict:
         "tsd b1 N=4": t("tsd", 1, **{"tsd.dasm_steps": 4}),
         "tsd b2 N=1": t("tsd", 2, **{"tsd.dasm_steps": 1}),
         "tsd b2 N=4": t("tsd", 2, **{"tsd.dasm_steps": 4}),
+        "tsd b2 N=4, remat none": t("tsd", 2, remat="none", **{"tsd.dasm_steps": 4}),
         "teacher b2": t("teacher", 2),
         "tsd 8 GPUs x b2, fsdp 8, N=4": t("tsd", 16, gpus=8, **{
             "tsd.dasm_steps": 4, "sharding.data": 1, "sharding.fsdp": 8}),

@@ -1,5 +1,5 @@
-"""Compiles the tiny configs for an H200 with the real GPU settings (bf16, cuDNN attention, the
-configs' remat policy): every inference path and every training step, on one GPU and sharded.
+"""Compiles the tiny configs for an H200 with the real GPU settings (bf16, cuDNN attention, remat
+full): every inference path and every training step, on one GPU and sharded.
 Any trace or compile error is reported for its case. The suite runs it (tests/test_gpu_compile.py)
 in the environment that has the GPU compiler:
 

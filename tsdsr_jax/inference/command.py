@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -78,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = 0
-    by_size: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = defaultdict(list)
     names = output_names(paths)
+    loaded: list[tuple[Path, np.ndarray]] = []
     for path in paths:
         out = args.output / names[path]
         if out.resolve() == path.resolve():
@@ -88,31 +87,23 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         try:
-            image = load_image(path)
+            loaded.append((path, load_image(path)))
         except ImageError as e:
             print(f"error: {e}; skipped", file=sys.stderr)
             failed += 1
-            continue
-        by_size[image.shape].append((path, image))
-    key = jax.random.key(args.seed)
-    with tqdm(total=sum(map(len, by_size.values())), unit="img") as bar:
-        for group in by_size.values():
-            for start in range(0, len(group), args.batch_size):
-                chunk = group[start:start + args.batch_size]
-                batch = [im for _, im in chunk]
-                batch += batch[-1:] * (args.batch_size - len(batch))  # one shape per bucket
-                key, sub = jax.random.split(key)
-                tic = time.perf_counter()
-                sr = pipe.super_resolve(np.stack(batch), sub)
-                per_image = (time.perf_counter() - tic) / len(chunk)
-                for (path, lr), out in zip(chunk, sr):
-                    save_png(out, args.output / names[path])
-                    if args.compare:
-                        up = np.kron(lr, np.ones((args.upscale, args.upscale, 1), np.uint8))
-                        save_png(np.concatenate([up, out], axis=1),
-                                 args.output / "compare" / names[path])
-                bar.set_postfix_str(f"{per_image * 1000:.0f} ms/img")
-                bar.update(len(chunk))
+    with tqdm(total=len(loaded), unit="img") as bar:
+        tic = time.perf_counter()
+        for batch in pipe.batches(loaded, args.batch_size, args.seed):
+            for path, lr, out in batch:
+                save_png(out, args.output / names[path])
+                if args.compare:
+                    up = np.kron(lr, np.ones((args.upscale, args.upscale, 1), np.uint8))
+                    save_png(np.concatenate([up, out], axis=1),
+                             args.output / "compare" / names[path])
+            toc = time.perf_counter()
+            bar.set_postfix_str(f"{(toc - tic) * 1000 / len(batch):.0f} ms/img")
+            bar.update(len(batch))
+            tic = toc
     print(f"wrote {len(paths) - failed} image(s) to {args.output}"
           + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0

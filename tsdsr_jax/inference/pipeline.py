@@ -198,34 +198,44 @@ class Pipeline:
 
     # ------------------------------------------------------------------ images in, images out
 
-    def super_resolve(self, lr: np.ndarray, rng: jax.Array) -> np.ndarray:
-        """A batch of same-sized LR images (B, h, w, 3) uint8 -> SR (B, H, W, 3) uint8; with a
-        mesh, B must be a multiple of its size."""
+    def dispatch(self, lr: np.ndarray, rng: jax.Array) -> jax.Array:
+        """Starts a batch of same-sized LR images (B, h, w, 3) uint8 on the device and returns
+        its SR (B, H, W, 3) uint8 without waiting for it; with a mesh, B must be a multiple of
+        its size."""
         if self.mesh is not None and lr.shape[0] % self.mesh.size:
             raise ValueError(f"a batch of {lr.shape[0]} does not split over "
                              f"{self.mesh.size} devices")
         size = target_size(*lr.shape[1:3], self.config)
         with sharding.activate(self.mesh) if self.mesh else contextlib.nullcontext():
-            sr = self.network(self.params, np.asarray(lr, np.uint8), rng, size)
-        return np.asarray(sr)
+            return self.network(self.params, np.asarray(lr, np.uint8), rng, size)
+
+    def super_resolve(self, lr: np.ndarray, rng: jax.Array) -> np.ndarray:
+        """:meth:`dispatch`, waited for: the SR batch as a numpy array."""
+        return np.asarray(self.dispatch(lr, rng))
 
     def batches(self, images: Iterable[tuple[K, np.ndarray]], batch_size: int = 1,
                 seed: int = 42) -> Iterator[list[tuple[K, np.ndarray, np.ndarray]]]:
         """Super-resolves keyed uint8 RGB images of any sizes, same-sized ones ``batch_size`` at
         a time (a short batch is padded by repeating its last image, so that each size compiles
-        once); yields each batch's ``(key, LR, SR)`` as it is done."""
+        once); yields each batch's ``(key, LR, SR)`` once done. The next batch is already on
+        the device while the caller handles one."""
         by_size: dict[tuple[int, ...], list[tuple[K, np.ndarray]]] = defaultdict(list)
         for key, image in images:
             by_size[image.shape].append((key, image))
         rng = jax.random.key(seed)
+        running = None
         for group in by_size.values():
             for start in range(0, len(group), batch_size):
                 chunk = group[start:start + batch_size]
                 lr = [im for _, im in chunk]
                 lr += lr[-1:] * (batch_size - len(lr))
                 rng, sub = jax.random.split(rng)
-                sr = self.super_resolve(np.stack(lr), sub)
-                yield [(key, im, out) for (key, im), out in zip(chunk, sr)]
+                started = (chunk, self.dispatch(np.stack(lr), sub))
+                if running is not None:
+                    yield _done(*running)
+                running = started
+        if running is not None:
+            yield _done(*running)
 
     def __call__(self, images: Sequence[np.ndarray], batch_size: int = 1, seed: int = 42
                  ) -> list[np.ndarray]:
@@ -233,3 +243,9 @@ class Pipeline:
         done = {i: sr for batch in self.batches(enumerate(images), batch_size, seed)
                 for i, _, sr in batch}
         return [done[i] for i in range(len(images))]
+
+
+def _done(chunk: list[tuple[K, np.ndarray]], sr: jax.Array
+          ) -> list[tuple[K, np.ndarray, np.ndarray]]:
+    """A dispatched batch's ``(key, LR, SR)``, waited for (its padding dropped)."""
+    return [(key, im, out) for (key, im), out in zip(chunk, np.asarray(sr))]
