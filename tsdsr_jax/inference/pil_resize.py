@@ -33,7 +33,7 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Each output pixel's first input pixel (out,) and fixed-point weights (out, taps) int32;
     taps past an output's window weigh 0."""
     scale = float(in_size) / out_size
@@ -61,7 +61,7 @@ def _resize_axis(x: jax.Array, out_size: int, axis: int) -> jax.Array:
     in_size = x.shape[axis]
     if in_size == out_size:  # PIL skips an axis whose size does not change
         return x
-    first, weights = coefficients(in_size, out_size)
+    first, weights = _coefficients(in_size, out_size)
     total = jnp.int32(1 << (PRECISION_BITS - 1))
     shape = [1] * x.ndim
     shape[axis] = out_size
