@@ -250,3 +250,37 @@ def test_group_norm_statistics_with_a_large_mean():
                                           torch.from_numpy(scale).double(),
                                           torch.from_numpy(bias).double(), eps=1e-6)
     assert rel_err(got, want.permute(0, 2, 3, 1).numpy()) <= TOL
+
+
+@pytest.mark.parametrize("d", [TINY, TINY_QUANT], ids=["plain", "quant"])
+def test_padded_batch_matches_diffusers_per_image(d):
+    """Images of two sizes in one padded batch (garbage beyond each ``extent``) give, inside
+    their extents, what diffusers gives for each image alone."""
+    cfg = VAEConfig.from_diffusers(diffusers_config(d))
+    vae = torch_vae(d)
+    params = convert_params(cfg, vae)
+    f = cfg.downscale_factor
+    rng = np.random.default_rng(3)
+    sizes, canvas = [(24, 40), (48, 32)], (56, 48)
+    x = rng.uniform(-5, 5, (2, *canvas, 3)).astype(np.float32)  # the padding is garbage
+    images = [rng.uniform(-1, 1, (h, w, 3)).astype(np.float32) for h, w in sizes]
+    for b, im in enumerate(images):
+        x[b, :im.shape[0], :im.shape[1]] = im
+    extent = np.array(sizes, np.int32)
+    mean, logvar = jax.jit(functools.partial(AutoencoderKL(cfg).apply, method="encode"))(
+        {"params": params}, x, extent)
+    z = rng.standard_normal((2, canvas[0] // f, canvas[1] // f, cfg.latent_channels))
+    z = z.astype(np.float32) * 5
+    zs = [rng.standard_normal((h // f, w // f, cfg.latent_channels)).astype(np.float32)
+          for h, w in sizes]
+    for b, zb in enumerate(zs):
+        z[b, :zb.shape[0], :zb.shape[1]] = zb
+    out = jax.jit(functools.partial(AutoencoderKL(cfg).apply, method="decode"))(
+        {"params": params}, z, extent // f)
+    for b, ((h, w), im, zb) in enumerate(zip(sizes, images, zs)):
+        with torch.no_grad():
+            dist = vae.encode(nchw(im[None])).latent_dist
+            ref = nhwc(vae.decode(nchw(zb[None])).sample)
+        assert rel_err(np.asarray(mean[b, :h // f, :w // f]), nhwc(dist.mean)[0]) <= TOL
+        assert rel_err(np.asarray(logvar[b, :h // f, :w // f]), nhwc(dist.logvar)[0]) <= TOL
+        assert rel_err(np.asarray(out[b, :h, :w]), ref[0]) <= TOL

@@ -8,6 +8,11 @@ path is its diffusers state-dict key with ``kernel``/``scale`` for ``weight`` (s
     v = model.apply({'params': params}, latents, timestep, prompt_embeds, pooled_embeds)
 
 Parameters are float32; ``config.dtype`` is the compute dtype. Norm statistics are float32.
+
+Latents of several sizes can share one batch, each at the top left of a common padded size, given
+their :class:`PatchLayout` (:func:`patch_layout`): each image's tokens then get the position
+embeddings of its own size, attention sees its own tokens only, and its output equals its output
+alone (the padding's output is undefined).
 """
 
 from __future__ import annotations
@@ -150,6 +155,42 @@ def pos_embed_axes(config: MMDiTConfig, height: int, width: int) -> tuple[np.nda
     return _sincos_1d(half, pos[left:left + width]), _sincos_1d(half, pos[top:top + height])
 
 
+class PatchLayout(NamedTuple):
+    """Where each image's patches lie in a batch of latents padded to one grid of T patches."""
+
+    order: jax.Array   # (B, T) int32: the padded grid's patch (row-major) at each token; the
+                       # image's own patches first, in its own row-major order, then the padding's
+    rows: jax.Array    # (B, T) int32: each token's row in the uncropped position table
+    cols: jax.Array    # (B, T) int32: its column
+    length: jax.Array  # (B,) int32: how many tokens are the image's own
+
+
+def patch_layout(config: MMDiTConfig, grid: tuple[int, int],
+                 sizes: list[tuple[int, int]]) -> PatchLayout:
+    """The :class:`PatchLayout` (numpy) of latents of ``sizes`` (height, width), each at the top
+    left of a latent of size ``grid``; all in latent pixels, multiples of the patch size."""
+    p, table = config.patch_size, config.pos_embed_max_size
+    grid_h, grid_w = grid[0] // p, grid[1] // p
+    everything = np.arange(grid_h * grid_w)
+    order, rows, cols, length = [], [], [], []
+    for height, width in sizes:
+        h, w = height // p, width // p
+        if h > grid_h or w > grid_w or height % p or width % p:
+            raise ValueError(f"latent of {height}x{width} does not fill whole patches of "
+                             f"{grid[0]}x{grid[1]}")
+        if h > table or w > table:
+            raise ValueError(f"latent of {h}x{w} patches exceeds pos_embed_max_size {table}")
+        r, c = np.divmod(np.arange(h * w), w)
+        own = r * grid_w + c
+        padding = np.setdiff1d(everything, own)
+        order.append(np.concatenate([own, padding]))
+        zeros = np.zeros_like(padding)
+        rows.append(np.concatenate([(table - h) // 2 + r, zeros]))
+        cols.append(np.concatenate([(table - w) // 2 + c, zeros]))
+        length.append(h * w)
+    return PatchLayout(*(np.asarray(a, np.int32) for a in (order, rows, cols, length)))
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -209,11 +250,18 @@ class _PatchEmbed(nn.Module):
     config: MMDiTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layout: PatchLayout | None = None) -> jax.Array:
         cfg = self.config
         p = cfg.patch_size
         y = Conv(cfg.inner_dim, (p, p), (p, p), dtype=cfg.dtype, name="proj")(x)
         b, h, w, d = y.shape
+        if layout is not None:  # the tokens in the layout's order, each image's own positions
+            y = jnp.take_along_axis(y.reshape(b, h * w, d), layout.order[..., None], axis=1)
+            size = cfg.pos_embed_max_size
+            x_emb, y_emb = pos_embed_axes(cfg, size, size)
+            pos = jnp.concatenate([jnp.asarray(x_emb)[layout.cols],
+                                   jnp.asarray(y_emb)[layout.rows]], axis=-1)
+            return (y + pos).astype(y.dtype)
         x_emb, y_emb = pos_embed_axes(cfg, h, w)
         pos = jnp.concatenate([jnp.broadcast_to(x_emb[None], (h, w, d // 2)),
                                jnp.broadcast_to(y_emb[:, None], (h, w, d // 2))], axis=-1)
@@ -268,34 +316,43 @@ def runnable_here(implementation: str | None) -> bool:
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: str | None = None,
-                          pad_multiple: int | None = None) -> jax.Array:
+                          pad_multiple: int | None = None,
+                          lengths: jax.Array | None = None) -> jax.Array:
     """Softmax attention over ``(B, L, heads, head_dim)``; with ``pad_multiple`` the sequence is
     zero-padded to a multiple of it, the true length is given as the query and key lengths (the
     padding is masked out exactly) and the padded rows are dropped. ``"cudnn"`` always pads, to
-    :data:`CUDNN_SEQ_MULTIPLE`."""
+    :data:`CUDNN_SEQ_MULTIPLE`. ``lengths`` (B,): only each sequence's first ``lengths`` tokens
+    are real; the rest attend to nothing and are attended to by nothing (their output is 0)."""
     if implementation == "cudnn":
         pad_multiple = pad_multiple or CUDNN_SEQ_MULTIPLE
     length = q.shape[1]
     pad = -length % pad_multiple if pad_multiple else 0
-    if not pad:
+    if not pad and lengths is None:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    real = jnp.full((q.shape[0],), length, jnp.int32) if lengths is None else lengths
     out = jax.nn.dot_product_attention(q, k, v, implementation=implementation,
-                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths)
-    return out[:, :length]
+                                       query_seq_lengths=real, key_value_seq_lengths=real)
+    out = out[:, :length]
+    if lengths is None:
+        return out
+    return jnp.where(jnp.arange(length)[None, :, None, None] < lengths[:, None, None, None],
+                     out, jnp.zeros((), out.dtype))
 
 
 class _Attention(nn.Module):
     """diffusers' ``Attention`` with the joint processor. Image tokens use ``to_q/k/v``; with a
     context, its tokens use ``add_{q,k,v}_proj`` and join the same softmax. The context output
-    goes through ``to_add_out`` unless ``context_pre_only`` (then it is dropped)."""
+    goes through ``to_add_out`` unless ``context_pre_only`` (then it is dropped). With
+    ``lengths`` (B,), only each sample's first ``lengths`` image tokens take part (the context
+    then comes first in the joint sequence, so that all padding is at its end)."""
 
     config: MMDiTConfig
     context_pre_only: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None
+    def __call__(self, x: jax.Array, context: jax.Array | None = None,
+                 lengths: jax.Array | None = None
                  ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
         cfg = self.config
         dense = functools.partial(Dense, cfg.inner_dim, dtype=cfg.dtype)
@@ -308,17 +365,24 @@ class _Attention(nn.Module):
             return q, k, v
 
         q, k, v = qkv(x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
-        if context is not None:
-            cq, ck, cv = qkv(context, ("add_q_proj", "add_k_proj", "add_v_proj"),
-                             ("norm_added_q", "norm_added_k"))
-            q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
-        out = dot_product_attention(q, k, v, cfg.attention_impl)
-        out = out.reshape(*out.shape[:2], cfg.inner_dim)
-        n = x.shape[1]
-        x_out = dense(name="to_out.0")(out[:, :n])
         if context is None:
-            return x_out
-        return x_out, None if self.context_pre_only else dense(name="to_add_out")(out[:, n:])
+            out = dot_product_attention(q, k, v, cfg.attention_impl, lengths=lengths)
+            return dense(name="to_out.0")(out.reshape(*out.shape[:2], cfg.inner_dim))
+        cq, ck, cv = qkv(context, ("add_q_proj", "add_k_proj", "add_v_proj"),
+                         ("norm_added_q", "norm_added_k"))
+        if lengths is None:
+            q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
+            out = dot_product_attention(q, k, v, cfg.attention_impl)
+            x_part, c_part = jnp.split(out, [x.shape[1]], axis=1)
+        else:
+            q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
+            out = dot_product_attention(q, k, v, cfg.attention_impl,
+                                        lengths=lengths + context.shape[1])
+            c_part, x_part = jnp.split(out, [context.shape[1]], axis=1)
+        x_out = dense(name="to_out.0")(x_part.reshape(*x_part.shape[:2], cfg.inner_dim))
+        if self.context_pre_only:
+            return x_out, None
+        return x_out, dense(name="to_add_out")(c_part.reshape(*c_part.shape[:2], cfg.inner_dim))
 
 
 class JointTransformerBlock(nn.Module):
@@ -332,10 +396,11 @@ class JointTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, temb: jax.Array | None,
-                 modulation: Mapping[str, jax.Array] | None = None
-                 ) -> tuple[jax.Array | None, jax.Array]:
+                 modulation: Mapping[str, jax.Array] | None = None,
+                 lengths: jax.Array | None = None) -> tuple[jax.Array | None, jax.Array]:
         """``modulation``: this block's ``norm1`` and ``norm1_context`` outputs, precomputed
-        (:class:`Conditioning`), in place of ``temb``."""
+        (:class:`Conditioning`), in place of ``temb``; ``lengths``: each sample's count of real
+        image tokens (:class:`PatchLayout`)."""
         cfg = self.config
 
         def adaln(name: str, chunks: int) -> list[jax.Array]:
@@ -354,12 +419,12 @@ class JointTransformerBlock(nn.Module):
             c_in = _modulate(_layer_norm(context), c_mods[0], c_mods[1])
 
         attn = _Attention(cfg, self.context_pre_only, name="attn")
-        x_attn, c_attn = attn(_modulate(x_norm, shift_msa, scale_msa), c_in)
+        x_attn, c_attn = attn(_modulate(x_norm, shift_msa, scale_msa), c_in, lengths)
         x = x + gate_msa[:, None] * x_attn
         if self.dual_attention:
             shift2, scale2, gate2 = mods[6:]
             attn2 = _Attention(cfg, name="attn2")
-            x = x + gate2[:, None] * attn2(_modulate(x_norm, shift2, scale2))
+            x = x + gate2[:, None] * attn2(_modulate(x_norm, shift2, scale2), None, lengths)
         ff = _FeedForward(cfg.dtype, name="ff")(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
         x = x + gate_mlp[:, None] * ff
         if self.context_pre_only:
@@ -395,7 +460,8 @@ class MMDiT(nn.Module):
     """``SD3Transformer2DModel``: ``(B,H,W,C) latents, (B,) timesteps, (B,L,joint_attention_dim)
     prompt embeddings, (B,pooled_projection_dim) pooled embeddings -> (B,H,W,out_channels)`` in
     ``config.dtype``. H and W are latent pixels (patchified inside). With a precomputed
-    ``conditioning`` (batch 1 or B) the timesteps and prompts are not given."""
+    ``conditioning`` (batch 1 or B) the timesteps and prompts are not given; ``layout`` places
+    latents of several sizes in the batch (:func:`patch_layout`)."""
 
     config: MMDiTConfig
 
@@ -403,11 +469,13 @@ class MMDiT(nn.Module):
     def __call__(self, hidden_states: jax.Array, timestep: jax.Array | None = None,
                  encoder_hidden_states: jax.Array | None = None,
                  pooled_projections: jax.Array | None = None, *,
-                 conditioning: Conditioning | None = None) -> jax.Array:
+                 conditioning: Conditioning | None = None,
+                 layout: PatchLayout | None = None) -> jax.Array:
         cfg = self.config
         b, height, width, _ = hidden_states.shape
         p = cfg.patch_size
-        x = _PatchEmbed(cfg, name="pos_embed")(hidden_states)
+        x = _PatchEmbed(cfg, name="pos_embed")(hidden_states, layout)
+        lengths = None if layout is None else layout.length
         temb, modulation = None, None
         if conditioning is None:
             temb = _TimeTextEmbed(cfg.inner_dim, cfg.dtype, name="time_text_embed")(
@@ -425,7 +493,7 @@ class MMDiT(nn.Module):
             block = block_class(cfg, context_pre_only=i == cfg.num_layers - 1,
                                 dual_attention=i in cfg.dual_attention_layers, name=name)
             context, x = block(x, context, temb, modulation and {
-                k: modulation[f"{name}.{k}"] for k in ("norm1", "norm1_context")})
+                k: modulation[f"{name}.{k}"] for k in ("norm1", "norm1_context")}, lengths)
             x = nn.with_logical_constraint(x, _TOKENS)
             if context is not None:
                 context = nn.with_logical_constraint(context, _TOKENS)
@@ -434,6 +502,8 @@ class MMDiT(nn.Module):
         scale, shift = jnp.split(emb, 2, axis=-1)
         x = _modulate(_layer_norm(x), shift, scale)
         x = Dense(p * p * cfg.out_channels, dtype=cfg.dtype, name="proj_out")(x)
+        if layout is not None:  # back to the padded grid's order
+            x = jnp.zeros_like(x).at[jnp.arange(b)[:, None], layout.order].set(x)
         h, w = height // p, width // p
         x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h * p, w * p, cfg.out_channels)

@@ -8,6 +8,13 @@ a LoRA update from the ``lora`` collection. ``encode``/``decode`` apply no scali
     vae = AutoencoderKL(config)
     mean, logvar = vae.apply({'params': params}, image, method='encode')
     image = vae.apply({'params': params}, latent, method='decode')
+
+Both take an optional ``extent`` (B, 2) int32: each image's true (height, width) in pixels of the
+input, which lies at the top left of a larger padded array (a size class of
+:mod:`tsdsr_jax.inference.canvas`). The network then computes on the true region exactly what it
+computes on the image alone: every spatial convolution sees zeros beyond it, GroupNorm takes its
+statistics over it, and the mid-block attention attends to it only. The padding's outputs are
+undefined.
 """
 
 from __future__ import annotations
@@ -123,23 +130,57 @@ def group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
     return mean, m2 / (count * (c // num_groups))
 
 
+def masked_group_moments(x: jax.Array, mask: jax.Array, num_groups: int
+                         ) -> tuple[jax.Array, jax.Array]:
+    """:func:`group_moments` over the pixels where ``mask`` (N, H, W, 1) is true (two passes)."""
+    n, c = x.shape[0], x.shape[-1]
+    m = mask.astype(jnp.float32).reshape(n, -1, 1, 1)
+    d = x.astype(jnp.float32).reshape(n, -1, num_groups, c // num_groups)
+    count = m.sum((1, 2, 3)) * (c // num_groups)
+    mean = (m * d).sum((1, 3)) / count[:, None]
+    var = (m * jnp.square(d - mean[:, None, :, None])).sum((1, 3)) / count[:, None]
+    return mean, var
+
+
+def region_mask(extent: jax.Array, height: int, width: int) -> jax.Array:
+    """(B, height, width, 1) bools: true inside each image's ``extent`` (B, 2) at the top left."""
+    rows = jnp.arange(height)[None, :, None] < extent[:, 0, None, None]
+    cols = jnp.arange(width)[None, None, :] < extent[:, 1, None, None]
+    return (rows & cols)[..., None]
+
+
+def zero_outside(x: jax.Array, extent: jax.Array | None) -> jax.Array:
+    """``x`` (B, H, W, C) with zeros beyond each image's ``extent``: what a convolution's zero
+    padding shows at the true image's edge. Unchanged when ``extent`` is None."""
+    if extent is None:
+        return x
+    return jnp.where(region_mask(extent, *x.shape[1:3]), x, jnp.zeros((), x.dtype))
+
+
 class GroupNorm(nn.Module):
     """torch ``GroupNorm`` over NHWC; statistics in float32, output in the input's dtype.
 
-    ``stats``, a given ``(mean, var)`` pair shaped like :func:`group_moments`' result, replaces
-    the input's own statistics (the tiled VAE of :mod:`tsdsr_jax.inference.tiling` passes global
-    ones).
+    The statistics come from one of: the whole input; the region inside ``extent`` (see the
+    module's docstring); or ``stats``, a given ``(mean, var)`` pair shaped like
+    :func:`group_moments`' result (the tiled VAE of :mod:`tsdsr_jax.inference.tiling` passes
+    global ones).
     """
 
     num_groups: int
 
     @nn.compact
-    def __call__(self, x: jax.Array,
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None,
                  stats: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        mean, var = group_moments(x, self.num_groups) if stats is None else stats
+        if stats is not None:
+            mean, var = stats
+        elif extent is not None:
+            mean, var = masked_group_moments(x, region_mask(extent, *x.shape[1:3]),
+                                             self.num_groups)
+        else:
+            mean, var = group_moments(x, self.num_groups)
         h = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
         h = (h - mean[:, None, :, None]) * jax.lax.rsqrt(var[:, None, :, None] + EPS)
         return (h.reshape(x.shape) * scale + bias).astype(x.dtype)
@@ -153,11 +194,11 @@ class ResnetBlock(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.silu(GroupNorm(self.groups, name="norm1")(x))
-        h = Conv(self.features, padding=1, dtype=self.dtype, name="conv1")(h)
-        h = nn.silu(GroupNorm(self.groups, name="norm2")(h))
-        h = Conv(self.features, padding=1, dtype=self.dtype, name="conv2")(h)
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
+        h = nn.silu(GroupNorm(self.groups, name="norm1")(x, extent))
+        h = Conv(self.features, padding=1, dtype=self.dtype, name="conv1")(zero_outside(h, extent))
+        h = nn.silu(GroupNorm(self.groups, name="norm2")(h, extent))
+        h = Conv(self.features, padding=1, dtype=self.dtype, name="conv2")(zero_outside(h, extent))
         if x.shape[-1] != self.features:
             x = Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
@@ -167,11 +208,15 @@ QUERY_CHUNK = 4096  # queries per step of the VAE attention: bounds its logits' 
 
 
 def single_head_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          query_chunk: int = QUERY_CHUNK) -> jax.Array:
+                          query_chunk: int = QUERY_CHUNK,
+                          key_mask: jax.Array | None = None) -> jax.Array:
     """softmax(q kᵀ / √c) v over (B, T, C), float32 logits; queries in chunks of
-    ``query_chunk`` (one at a time, exact) so that memory grows as T·chunk, not T²."""
+    ``query_chunk`` (one at a time, exact) so that memory grows as T·chunk, not T². With
+    ``key_mask`` (B, T) bools, only the keys where it is true are attended to."""
     def attend(q_chunk: jax.Array) -> jax.Array:
         logits = jnp.einsum("bqc,bkc->bqk", q_chunk, k, preferred_element_type=jnp.float32)
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, :], logits, -jnp.inf)
         weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
         return jnp.einsum("bqk,bkc->bqc", weights, v, preferred_element_type=jnp.float32)
 
@@ -192,11 +237,12 @@ class Attention(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         b, height, width, c = x.shape
-        h = GroupNorm(self.groups, name="group_norm")(x).reshape(b, height * width, c)
+        h = GroupNorm(self.groups, name="group_norm")(x, extent).reshape(b, height * width, c)
         q, k, v = (Dense(c, dtype=self.dtype, name=name)(h) for name in ("to_q", "to_k", "to_v"))
-        h = single_head_attention(q, k, v)
+        keys = None if extent is None else region_mask(extent, height, width).reshape(b, -1)
+        h = single_head_attention(q, k, v, key_mask=keys)
         h = Dense(c, dtype=self.dtype, name="to_out.0")(h.astype(v.dtype))
         return x + h.reshape(x.shape)
 
@@ -207,9 +253,9 @@ class Downsample(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         return Conv(x.shape[-1], strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype,
-                    name="conv")(x)
+                    name="conv")(zero_outside(x, extent))
 
 
 # Nearest ×2 followed by a 3-tap kernel k equals, along each axis, the 4-tap kernel
@@ -249,8 +295,8 @@ class Upsample(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return NearestX2Conv(x.shape[-1], self.dtype, name="conv")(x)
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
+        return NearestX2Conv(x.shape[-1], self.dtype, name="conv")(zero_outside(x, extent))
 
 
 class MidBlock(nn.Module):
@@ -261,12 +307,12 @@ class MidBlock(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, self.dtype, name="resnets.0")(x)
+        x = ResnetBlock(c, self.groups, self.dtype, name="resnets.0")(x, extent)
         if self.add_attention:
-            x = Attention(self.groups, self.dtype, name="attentions.0")(x)
-        return ResnetBlock(c, self.groups, self.dtype, name="resnets.1")(x)
+            x = Attention(self.groups, self.dtype, name="attentions.0")(x, extent)
+        return ResnetBlock(c, self.groups, self.dtype, name="resnets.1")(x, extent)
 
 
 class ResnetStack(nn.Module):
@@ -279,13 +325,14 @@ class ResnetStack(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
+        """``extent`` is at the input's resolution (the output's is halved or doubled)."""
         for i in range(self.num_layers):
-            x = ResnetBlock(self.features, self.groups, self.dtype, name=f"resnets.{i}")(x)
+            x = ResnetBlock(self.features, self.groups, self.dtype, name=f"resnets.{i}")(x, extent)
         if self.resample == "down":
-            x = Downsample(self.dtype, name="downsamplers.0")(x)
+            x = Downsample(self.dtype, name="downsamplers.0")(x, extent)
         elif self.resample == "up":
-            x = Upsample(self.dtype, name="upsamplers.0")(x)
+            x = Upsample(self.dtype, name="upsamplers.0")(x, extent)
         return x
 
 
@@ -309,18 +356,23 @@ class Encoder(nn.Module):
     config: VAEConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         cfg, dtype = self.config, self.config.dtype
         channels = cfg.block_out_channels
         stack, mid = _blocks(cfg)
-        x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(x)
+        x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(zero_outside(x, extent))
         for i, c in enumerate(channels):
-            x = stack(c, cfg.layers_per_block, cfg.norm_num_groups,
-                      "down" if i < len(channels) - 1 else None, dtype, name=f"down_blocks.{i}")(x)
+            down = i < len(channels) - 1
+            x = stack(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if down else None,
+                      dtype, name=f"down_blocks.{i}")(x, extent)
             x = nn.with_logical_constraint(x, _IMAGES)
-        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
-        return Conv(2 * cfg.latent_channels, padding=1, dtype=dtype, name="conv_out")(x)
+            if down and extent is not None:
+                extent = extent // 2
+        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(
+            x, extent)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x, extent))
+        return Conv(2 * cfg.latent_channels, padding=1, dtype=dtype, name="conv_out")(
+            zero_outside(x, extent))
 
 
 class Decoder(nn.Module):
@@ -329,18 +381,23 @@ class Decoder(nn.Module):
     config: VAEConfig
 
     @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         cfg, dtype = self.config, self.config.dtype
         channels = cfg.block_out_channels[::-1]
         stack, mid = _blocks(cfg)
-        x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(z)
-        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
+        x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(zero_outside(z, extent))
+        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(
+            x, extent)
         for i, c in enumerate(channels):
-            x = stack(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                      "up" if i < len(channels) - 1 else None, dtype, name=f"up_blocks.{i}")(x)
+            up = i < len(channels) - 1
+            x = stack(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if up else None,
+                      dtype, name=f"up_blocks.{i}")(x, extent)
             x = nn.with_logical_constraint(x, _IMAGES)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x))
-        return Conv(cfg.out_channels, padding=1, dtype=dtype, name="conv_out")(x)
+            if up and extent is not None:
+                extent = extent * 2
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x, extent))
+        return Conv(cfg.out_channels, padding=1, dtype=dtype, name="conv_out")(
+            zero_outside(x, extent))
 
 
 class AutoencoderKL(nn.Module):
@@ -358,19 +415,20 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = (Conv(latent, (1, 1), dtype=cfg.dtype)
                                 if cfg.use_post_quant_conv else None)
 
-    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode(self, x: jax.Array, extent: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
         """Image in [-1, 1], NHWC -> the posterior's ``(mean, logvar)``, logvar in [-30, 20]."""
-        h = self.encoder(x)
+        h = self.encoder(x, extent)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         mean, logvar = jnp.split(h, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def decode(self, z: jax.Array) -> jax.Array:
+    def decode(self, z: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         """Latent (unscaled), NHWC -> image."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z, extent)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Reconstruction through the posterior mean (also what ``init`` traces)."""
