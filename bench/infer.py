@@ -70,10 +70,10 @@ def main() -> None:
     for name, batch, side, options in (TINY if args.tiny else FULL):
         pipe = Pipeline(model, InferenceConfig(precision=args.precision, vae_posterior="sample",
                                                attention_impl=args.attention, **options))
-        lr = jax.random.randint(jax.random.key(1), (batch, side, side, 3), 0, 256, jnp.uint8)
-        rng = jax.random.key(2)
-        size = (4 * side, 4 * side)
-        call = lambda: pipe.network(pipe.params, lr, rng, size)  # noqa: E731
+        lr = np.asarray(jax.random.randint(jax.random.key(1), (batch, side, side, 3), 0, 256,
+                                           jnp.uint8))
+        args = pipe.inputs(list(lr), range(batch), jax.random.key(2))
+        call = lambda: pipe.network(*args)  # noqa: E731
         tic = time.perf_counter()
         jax.block_until_ready(call())
         first = time.perf_counter() - tic
@@ -81,7 +81,7 @@ def main() -> None:
         jax.block_until_ready(call())
         second = time.perf_counter() - tic
         ms = median_ms(call, args.iters)
-        compiled = pipe.network.lower(pipe.params, lr, rng, size).compile()
+        compiled = pipe.network.lower(*args).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         gflop = float(cost.get("flops", 0.0)) / 1e9 / batch if cost else float("nan")

@@ -19,7 +19,7 @@ import ml_collections
 
 from tsdsr_jax import sharding
 from tsdsr_jax.aot.plan import Plan, compile_plan
-from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline, target_size
+from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.safetensors import SafeTensors
 from tsdsr_jax.models import lora, mmdit, vae
@@ -81,9 +81,9 @@ def inference(model: model_dir.Model, config: InferenceConfig, batch: int,
     split over them, as ``--devices``)."""
     mesh = sharding.make_mesh(sharding.ShardingConfig(data=len(devices)), devices)
     pipe = Pipeline(model, config, mesh)
-    lr = jax.ShapeDtypeStruct((batch, *lr_size, 3), jnp.uint8)
+    images = [jax.ShapeDtypeStruct((*lr_size, 3), jnp.uint8)] * batch
     key = jax.eval_shape(lambda: jax.random.key(0))
-    return Program(pipe.network, (pipe.params, lr, key, target_size(*lr_size, config)), mesh)
+    return Program(pipe.network, pipe.inputs(images, range(batch), key), mesh)
 
 
 def training(config: ml_collections.ConfigDict, devices: list) -> Program:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tsdsr_jax.diffusion import schedule
-from tsdsr_jax.models.mmdit import Conditioning, MMDiT
+from tsdsr_jax.models.mmdit import Conditioning, MMDiT, PatchLayout
 from tsdsr_jax.models.vae import AutoencoderKL, sample_posterior
 
 PyTree = Any
@@ -79,16 +79,19 @@ def deinterleave(x: jax.Array, k: int) -> list[jax.Array]:
 
 
 def velocity(nets: Networks, base: PyTree, adapter: PyTree | None, x: jax.Array,
-             timestep: jax.Array, prompts: Prompts | Conditioning) -> jax.Array:
+             timestep: jax.Array, prompts: Prompts | Conditioning,
+             layout: PatchLayout | None = None) -> jax.Array:
     """The transformer's prediction ``v ≈ ε − x_0`` with one adapter (or none), float32; given
-    the :class:`Conditioning` of ``timestep`` and the prompts, ``timestep`` is not read."""
+    the :class:`Conditioning` of ``timestep`` and the prompts, ``timestep`` is not read.
+    ``layout`` places latents of several sizes in the batch."""
     variables = {"params": base} if adapter is None else {"params": base, "lora": adapter}
     dtype = nets.mmdit.config.dtype
     if isinstance(prompts, Conditioning):
-        out = nets.mmdit.apply(variables, x.astype(dtype), conditioning=prompts)
+        out = nets.mmdit.apply(variables, x.astype(dtype), conditioning=prompts, layout=layout)
     else:
         out = nets.mmdit.apply(variables, x.astype(dtype), timestep,
-                               prompts.embeds.astype(dtype), prompts.pooled.astype(dtype))
+                               prompts.embeds.astype(dtype), prompts.pooled.astype(dtype),
+                               layout=layout)
     return out.astype(jnp.float32)
 
 
@@ -136,8 +139,8 @@ def decode(nets: Networks, vae: PyTree, latents: jax.Array,
 def student(nets: Networks, base: PyTree, adapters: StudentAdapters | None, lr: jax.Array,
             default: Prompts | Conditioning, noise: jax.Array | None = None, *,
             encoder: Callable[[jax.Array], Moments] | None = None,
-            tiles: Callable[[Callable, jax.Array], jax.Array] | None = None
-            ) -> tuple[jax.Array, jax.Array]:
+            tiles: Callable[[Callable, jax.Array], jax.Array] | None = None,
+            layout: PatchLayout | None = None) -> tuple[jax.Array, jax.Array]:
     """The one-step student: ``(z_L, ẑ_H)`` for LR images (B, H, W, 3) in [−1, 1], upsampled
     to the output size.
 
@@ -145,7 +148,8 @@ def student(nets: Networks, base: PyTree, adapters: StudentAdapters | None, lr: 
     it. ``default`` is the unbatched default prompt, or (LoRA merged) its conditioning at
     :data:`STUDENT_TIMESTEP`. ``noise`` draws the posterior sample
     (``None``: its mean). For large images, ``encoder`` replaces the VAE encoder and
-    ``tiles(fn, z_L)`` runs the transformer's ``fn`` over tiles of ``z_L``."""
+    ``tiles(fn, z_L)`` runs the transformer's ``fn`` over tiles of ``z_L``; untiled, ``layout``
+    places latents of several sizes in the batch."""
     vae = {"params": base["vae"]}
     transformer_adapter = None
     if adapters is not None:
@@ -157,7 +161,8 @@ def student(nets: Networks, base: PyTree, adapters: StudentAdapters | None, lr: 
         n = z.shape[0]
         prompts = default if isinstance(default, Conditioning) else default.batched(n)
         return velocity(nets, base["transformer"], transformer_adapter, z,
-                        jnp.full((n,), STUDENT_TIMESTEP), prompts)
+                        jnp.full((n,), STUDENT_TIMESTEP), prompts,
+                        layout if tiles is None else None)
 
     v = v_of(z_l) if tiles is None else tiles(v_of, z_l)
     return z_l, z_l - STUDENT_SIGMA * v

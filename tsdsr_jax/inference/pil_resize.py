@@ -11,6 +11,8 @@ and the output is ``clip((Σ pixel · weight + 2²¹) >> 22, 0, 255)``. The firs
 is rounded to uint8 before the second: the horizontal pass first, unless the height shrinks by
 more than twice as many pixels as the width (Pillow ≥ 13's order). The weights are built here
 in numpy, in the same float64 operations and order; the sums are exact int32 arithmetic.
+:func:`pil_taps` and :func:`resize_with_taps` give the tables per image, for images of several
+sizes padded into one batch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tsdsr_jax.inference.resize import apply_taps
 
 _A = -0.5              # PIL's bicubic filter
 _SUPPORT = 2.0
@@ -57,27 +61,52 @@ def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return first, fixed
 
 
-def _resize_axis(x: jax.Array, out_size: int, axis: int) -> jax.Array:
-    in_size = x.shape[axis]
-    if in_size == out_size:  # PIL skips an axis whose size does not change
-        return x
-    first, weights = _coefficients(in_size, out_size)
-    total = jnp.int32(1 << (PRECISION_BITS - 1))
-    shape = [1] * x.ndim
-    shape[axis] = out_size
-    for k in range(weights.shape[1]):
-        index = np.minimum(first + k, in_size - 1)
-        total = total + jnp.take(x, index, axis=axis) * weights[:, k].reshape(shape)
+def pil_taps(in_size: int, out_size: int, taps: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """One axis's input pixel indices and fixed-point weights, both (out_size, taps) int32
+    (``taps`` at least the filter's: zero weights pad it). An unchanged size (which PIL skips)
+    is the identity."""
+    if in_size == out_size:
+        first, weights = np.arange(out_size), np.full((out_size, 1), 1 << PRECISION_BITS)
+    else:
+        first, weights = _coefficients(in_size, out_size)
+    taps = taps or weights.shape[1]
+    if taps < weights.shape[1]:
+        raise ValueError(f"{in_size} -> {out_size} needs {weights.shape[1]} taps, not {taps}")
+    weights = np.pad(weights, ((0, 0), (0, taps - weights.shape[1])))
+    index = np.minimum(first[:, None] + np.arange(taps), in_size - 1)
+    return index.astype(np.int32), weights.astype(np.int32)
+
+
+def vertical_first(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    """Whether PIL (≥ 13) resizes ``in_size`` to ``out_size`` (height, width) rows first."""
+    (height, width), (out_height, out_width) = in_size, out_size
+    return 0 < height - out_height and 2 * (width - out_width) < height - out_height
+
+
+def _resize_axis(x: jax.Array, index: np.ndarray | jax.Array, weights: np.ndarray | jax.Array,
+                 axis: int) -> jax.Array:
+    total = jnp.int32(1 << (PRECISION_BITS - 1)) + apply_taps(x, index, weights, axis)
     return jnp.clip(total >> PRECISION_BITS, 0, 255)
+
+
+def resize_with_taps(images: jax.Array, rows: tuple[jax.Array, jax.Array],
+                     cols: tuple[jax.Array, jax.Array], rows_first: bool) -> jax.Array:
+    """uint8 images (..., H, W, C) resized with :func:`pil_taps` tables for the rows and the
+    columns, (out, taps) or per image (B, out, taps), in PIL's order of passes; uint8."""
+    x = images.astype(jnp.int32)
+    if rows_first:
+        x = _resize_axis(_resize_axis(x, *rows, axis=-3), *cols, axis=-2)
+    else:
+        x = _resize_axis(_resize_axis(x, *cols, axis=-2), *rows, axis=-3)
+    return x.astype(jnp.uint8)
 
 
 def pil_resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
     """``Image.fromarray(im).resize((width, height))`` of each uint8 image of (..., H, W, C),
     to ``size = (height, width)``; uint8."""
-    x = images.astype(jnp.int32)
     (height, width), (out_height, out_width) = images.shape[-3:-1], size
-    if 0 < height - out_height and 2 * (width - out_width) < height - out_height:
-        x = _resize_axis(_resize_axis(x, out_height, axis=-3), out_width, axis=-2)
-    else:
-        x = _resize_axis(_resize_axis(x, out_width, axis=-2), out_height, axis=-3)
-    return x.astype(jnp.uint8)
+    if (height, width) == size:
+        return images
+    return resize_with_taps(images, pil_taps(height, out_height), pil_taps(width, out_width),
+                            vertical_first((height, width), size))

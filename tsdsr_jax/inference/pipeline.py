@@ -7,9 +7,11 @@ As the official ``test_tsdsr.py``, per image: bicubic upsampling with PyTorch's 
 padding to a multiple of 16, then the one-step student of :mod:`tsdsr_jax.diffusion.denoiser`
 (its LoRA merged; Gaussian latent tiles when large), decode, crop back, and the colour fix
 against the LR image (its wavelet source, and an output made larger than ×upscale, resized as
-PIL does: :mod:`~tsdsr_jax.inference.pil_resize`). All of it is one jitted function per
-(batch, size), uint8 in and uint8 out; given a device mesh, each batch is split over its devices
-(the weights over ``fsdp``, as in training).
+PIL does: :mod:`~tsdsr_jax.inference.pil_resize`). All of it is one jitted function per batch
+size and size class (:mod:`~tsdsr_jax.inference.canvas`): images of many sizes share a compiled
+program, each computed as if alone. uint8 in and uint8 out; given a device mesh, each batch is
+split over its devices (the weights over ``fsdp``, as in training). An image's posterior noise
+derives from the seed and the image's key alone, so its output does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -28,16 +29,16 @@ import numpy as np
 from tsdsr_jax import sharding
 from tsdsr_jax.checks import in_range, one_of
 from tsdsr_jax.diffusion.denoiser import (
-    MULTIPLE,
     PATCH_SIZE,
     STUDENT_TIMESTEP,
     Networks,
     decode,
     student,
 )
-from tsdsr_jax.inference import colorfix, tiling
-from tsdsr_jax.inference.pil_resize import pil_resize
-from tsdsr_jax.inference.resize import resize_bicubic
+from tsdsr_jax.inference import canvas, colorfix, tiling
+from tsdsr_jax.inference.canvas import Geometry, SizeClass, noise_id
+from tsdsr_jax.inference.pil_resize import resize_with_taps
+from tsdsr_jax.inference.resize import apply_taps
 from tsdsr_jax.io.images import to_uint8
 from tsdsr_jax.io.model_dir import Model
 from tsdsr_jax.models import PRECISIONS, lora, mmdit
@@ -69,6 +70,9 @@ class InferenceConfig:
     latent_max_tiles: int | None = None
     vae_max_tiles: int | None = None
     attention_impl: str | None = None   # None: cuDNN on a GPU in bf16/fp16, else XLA
+    # Size classes per octave of the working image's sides (0: a program per size). A tiled VAE
+    # compiles per size.
+    size_class_steps: int = 2
 
     def __post_init__(self):
         in_range(self, "upscale", 1, MAX_UPSCALE)
@@ -86,17 +90,11 @@ class InferenceConfig:
         in_range(self, "latent_max_tiles", low=1)
         in_range(self, "vae_max_tiles", low=1)
         one_of(self, "attention_impl", ATTENTION_IMPLS)
+        in_range(self, "size_class_steps", 0, 16)
 
-
-def target_size(height: int, width: int, config: InferenceConfig) -> tuple[int, int]:
-    """The size the network makes for an LR image: ×upscale, unless a side is below
-    process_size/upscale. Then, as the official rule, the image is first scaled so that its
-    short side reaches it (and the result is resized back to ×upscale afterwards)."""
-    low = config.process_size // config.upscale
-    if width < low or height < low:
-        scale = low / min(width, height)
-        height, width = int(scale * height), int(scale * width)
-    return config.upscale * height, config.upscale * width
+    @property
+    def tiled_vae(self) -> bool:
+        return bool(self.vae_encoder_tile or self.vae_decoder_tile)
 
 
 def attention_impl(config: InferenceConfig) -> str | None:
@@ -128,9 +126,9 @@ def inference_params(params: dict[str, Any], adapters: dict[str, Any],
 
 
 class Pipeline:
-    """The student (LoRA merged into the frozen base) as one jitted function per shape. A model
-    whose params are ``jax.ShapeDtypeStruct`` gives a pipeline that can only be compiled
-    (tsdsr_jax.aot)."""
+    """The student (LoRA merged into the frozen base) as one jitted function per batch size and
+    size class. A model whose params are ``jax.ShapeDtypeStruct`` gives a pipeline that can only
+    be compiled (tsdsr_jax.aot)."""
 
     def __init__(self, model: Model, config: InferenceConfig = InferenceConfig(),
                  mesh: jax.sharding.Mesh | None = None):
@@ -144,108 +142,179 @@ class Pipeline:
             MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
                                       attention_impl=attention_impl(config))),
             AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype)))
+        self.classes = canvas.Classes(
+            config.upscale, config.process_size, config.latent_tile, config.latent_overlap,
+            self.nets.mmdit.config, 0 if config.tiled_vae else config.size_class_steps)
         prepare = functools.partial(inference_params, config=self.nets.mmdit.config)
         args = (model.params, model.adapters, model.embeddings["default"])
         abstract = isinstance(jax.tree_util.tree_leaves(model.params)[0], jax.ShapeDtypeStruct)
         self.params = jax.eval_shape(prepare, *args) if abstract else prepare(*args)
         if mesh is None:
-            self.network = jax.jit(self._super_resolve, static_argnums=3)
+            self.network = jax.jit(self._super_resolve, static_argnums=5)
         else:
             params_sh = sharding.shardings(self.params, mesh, True,
                                           sharding.ShardingConfig.min_shard_size)
             if not abstract:
                 self.params = sharding.put(self.params, params_sh)
+            batch = sharding.batch_sharding(mesh)
             self.network = jax.jit(
-                self._super_resolve, static_argnums=3,
-                in_shardings=(params_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                self._super_resolve, static_argnums=5,
+                in_shardings=(params_sh, batch, batch, sharding.replicated(mesh), batch),
                 out_shardings=sharding.replicated(mesh))
 
     # ------------------------------------------------------------------ the jitted network
 
-    def _super_resolve(self, params: dict[str, Any], lr: jax.Array, rng: jax.Array,
-                       size: tuple[int, int]) -> jax.Array:
-        """(B, h, w, 3) uint8 LR -> (B, h·upscale, w·upscale, 3) uint8 SR, made at ``size``
-        (:func:`target_size`) and colour-fixed against the LR."""
-        cfg, nets = self.config, self.nets
+    def _super_resolve(self, params: dict[str, Any], lr: jax.Array, ids: jax.Array,
+                       rng: jax.Array, geometry: Geometry, cls: SizeClass) -> jax.Array:
+        """(B, h, w, 3) uint8 LR canvases -> (B, H, W, 3) uint8 SR canvases of class ``cls``;
+        each image at the top left, of its own sizes in ``geometry``; ``ids`` (B,) uint32 key
+        each image's posterior noise (with ``rng``)."""
+        cfg, nets, g = self.config, self.nets, geometry
         image = lr.astype(jnp.float32) / 255
-        x = jnp.clip(resize_bicubic(image, size) * 2 - 1, -1, 1)
-        pad_h, pad_w = (-size[0]) % MULTIPLE, (-size[1]) % MULTIPLE
-        x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+        x = apply_taps(apply_taps(image, *g.cols, axis=-2), *g.rows, axis=-3)
+        x = jnp.clip(x * 2 - 1, -1, 1)
         vae = {"params": params["vae"]}
-        encoder = decoder = noise = None
+        f = nets.vae.config.downscale_factor
+        if cfg.tiled_vae:  # compiled per size: the canvas is the working image
+            extent = latent_extent = None
+        else:
+            extent, latent_extent = g.work, g.work // f
+        encoder = functools.partial(nets.vae.apply, vae, extent=extent, method="encode")
+        decoder = functools.partial(nets.vae.apply, vae, extent=latent_extent, method="decode")
         if cfg.vae_encoder_tile:
             encoder = functools.partial(tiling.tiled_encode, nets.vae, vae,
                                         tile=cfg.vae_encoder_tile, max_tiles=cfg.vae_max_tiles)
         if cfg.vae_decoder_tile:
             decoder = functools.partial(tiling.tiled_decode, nets.vae, vae,
                                         tile=cfg.vae_decoder_tile, max_tiles=cfg.vae_max_tiles)
+        noise = None
         if cfg.vae_posterior == "sample":
-            f = nets.vae.config.downscale_factor
-            noise = jax.random.normal(rng, (x.shape[0], x.shape[1] // f, x.shape[2] // f,
-                                            nets.vae.config.latent_channels))
-        tiles = functools.partial(tiling.tiled_apply, tile=cfg.latent_tile,
-                                  overlap=cfg.latent_overlap, max_tiles=cfg.latent_max_tiles)
+            latent = (x.shape[1] // f, x.shape[2] // f, nets.vae.config.latent_channels)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
+            noise = jax.vmap(functools.partial(posterior_noise, shape=latent))(keys)
+        tiles = None
+        if cls.tile is not None:
+            tiles = functools.partial(tiling.tiled_apply_at, corners=g.tiles,
+                                      present=g.tile_weight, tile=cls.tile,
+                                      max_tiles=cfg.latent_max_tiles)
         _, z_h = student(nets, params, None, x, params["default"], noise, encoder=encoder,
-                         tiles=tiles)
-        sr = jnp.clip(decode(nets, vae, z_h, decoder), -1, 1)[:, :size[0], :size[1]] * 0.5 + 0.5
-        final = (cfg.upscale * lr.shape[1], cfg.upscale * lr.shape[2])
-        if size != final:  # the official path: back to ×upscale with PIL's default resize
-            sr = pil_resize(to_uint8(sr), final).astype(jnp.float32) / 255
+                         tiles=tiles, layout=g.layout)
+        sr = jnp.clip(decode(nets, vae, z_h, decoder), -1, 1) * 0.5 + 0.5
+        if cls.back is not None:  # the official path: back to ×upscale with PIL's resize
+            sr = resize_with_taps(to_uint8(sr), *g.back, rows_first=cls.back[0])
+            sr = sr.astype(jnp.float32) / 255
+        else:
+            sr = _fit(sr, cls.out)
         source = image
         if cfg.color_fix == "wavelet":  # the LR upscaled by PIL to the output's size
-            source = pil_resize(lr, final).astype(jnp.float32) / 255
-        return to_uint8(colorfix.COLOR_FIXES[cfg.color_fix](sr, source))
+            source = resize_with_taps(lr, *g.source, rows_first=False).astype(jnp.float32) / 255
+        return to_uint8(colorfix.COLOR_FIXES[cfg.color_fix](sr, source, g.final, g.lr))
 
     # ------------------------------------------------------------------ images in, images out
 
-    def dispatch(self, lr: np.ndarray, rng: jax.Array) -> jax.Array:
-        """Starts a batch of same-sized LR images (B, h, w, 3) uint8 on the device and returns
-        its SR (B, H, W, 3) uint8 without waiting for it; with a mesh, B must be a multiple of
-        its size."""
-        if self.mesh is not None and lr.shape[0] % self.mesh.size:
-            raise ValueError(f"a batch of {lr.shape[0]} does not split over "
-                             f"{self.mesh.size} devices")
-        size = target_size(*lr.shape[1:3], self.config)
-        with sharding.activate(self.mesh) if self.mesh else contextlib.nullcontext():
-            return self.network(self.params, np.asarray(lr, np.uint8), rng, size)
+    def size_class(self, height: int, width: int) -> SizeClass:
+        """The size class of an LR image of ``height`` x ``width``."""
+        return self.classes.of((height, width))
 
-    def super_resolve(self, lr: np.ndarray, rng: jax.Array) -> np.ndarray:
-        """:meth:`dispatch`, waited for: the SR batch as a numpy array."""
-        return np.asarray(self.dispatch(lr, rng))
+    def inputs(self, images: Sequence[np.ndarray], ids: Sequence[int], rng: jax.Array,
+               cls: SizeClass | None = None) -> tuple:
+        """The network's arguments for uint8 LR images (h, w, 3) of one class (``cls``: the
+        first image's), or for their shapes (``jax.ShapeDtypeStruct``, to compile)."""
+        sizes = [tuple(im.shape[:2]) for im in images]
+        cls = cls or self.size_class(*sizes[0])
+        shape = (len(images), *cls.lr, 3)
+        if isinstance(images[0], jax.ShapeDtypeStruct):
+            lr = jax.ShapeDtypeStruct(shape, jnp.uint8)
+        else:
+            lr = np.zeros(shape, np.uint8)
+            for b, im in enumerate(images):
+                lr[b, :im.shape[0], :im.shape[1]] = im
+        return (self.params, lr, np.asarray(ids, np.uint32), rng,
+                self.classes.geometry(cls, sizes), cls)
+
+    def dispatch(self, images: Sequence[np.ndarray], ids: Sequence[int], rng: jax.Array
+                 ) -> jax.Array:
+        """Starts a batch of uint8 LR images (h, w, 3) of one size class on the device and
+        returns their SR canvases (B, H, W, 3) uint8 without waiting (image b's SR is its
+        top-left ``upscale·h x upscale·w``); with a mesh, B must be a multiple of its size."""
+        if self.mesh is not None and len(images) % self.mesh.size:
+            raise ValueError(f"a batch of {len(images)} does not split over "
+                             f"{self.mesh.size} devices")
+        with sharding.activate(self.mesh) if self.mesh else contextlib.nullcontext():
+            return self.network(*self.inputs(images, ids, rng))
 
     def batches(self, images: Iterable[tuple[K, np.ndarray]], batch_size: int = 1,
-                seed: int = 42) -> Iterator[list[tuple[K, np.ndarray, np.ndarray]]]:
-        """Super-resolves keyed uint8 RGB images of any sizes, same-sized ones ``batch_size`` at
-        a time (a short batch is padded by repeating its last image, so that each size compiles
-        once); yields each batch's ``(key, LR, SR)`` once done. The next batch is already on
-        the device while the caller handles one."""
-        by_size: dict[tuple[int, ...], list[tuple[K, np.ndarray]]] = defaultdict(list)
-        for key, image in images:
-            by_size[image.shape].append((key, image))
+                seed: int = 42, window: int | None = None
+                ) -> Iterator[list[tuple[K, np.ndarray, np.ndarray]]]:
+        """Super-resolves keyed uint8 RGB images of any sizes as they come, ``batch_size`` of
+        one size class at a time (a short batch is padded by repeating its last image, so that
+        each class compiles once); yields each batch's ``(key, LR, SR)`` once done. At most
+        ``window`` images (default 4 batches) wait for their class's batch to fill; then the
+        fullest class goes short. The next batch is already on the device while the caller
+        handles one. An image's noise derives from ``seed`` and ``noise_id(key)``."""
+        window = window or 4 * batch_size
         rng = jax.random.key(seed)
+        waiting: dict[SizeClass, list[tuple[K, np.ndarray]]] = {}
         running = None
-        for group in by_size.values():
-            for start in range(0, len(group), batch_size):
-                chunk = group[start:start + batch_size]
-                lr = [im for _, im in chunk]
-                lr += lr[-1:] * (batch_size - len(lr))
-                rng, sub = jax.random.split(rng)
-                started = (chunk, self.dispatch(np.stack(lr), sub))
+
+        def start(cls: SizeClass):
+            chunk = waiting.pop(cls)
+            lr = [im for _, im in chunk]
+            lr += lr[-1:] * (batch_size - len(lr))
+            ids = [noise_id(key) for key, _ in chunk]
+            ids += ids[-1:] * (batch_size - len(ids))
+            return chunk, self.dispatch(lr, ids, rng)
+
+        def ready() -> Iterator[SizeClass]:
+            for cls, chunk in list(waiting.items()):
+                if len(chunk) == batch_size:
+                    yield cls
+            if sum(map(len, waiting.values())) >= window:
+                yield max(waiting, key=lambda c: len(waiting[c]))
+
+        for key, image in images:
+            waiting.setdefault(self.size_class(*image.shape[:2]), []).append((key, image))
+            for cls in ready():
+                started = start(cls)
                 if running is not None:
-                    yield _done(*running)
+                    yield _done(*running, self.config.upscale)
                 running = started
+                break
+        while waiting:
+            started = start(max(waiting, key=lambda c: len(waiting[c])))
+            if running is not None:
+                yield _done(*running, self.config.upscale)
+            running = started
         if running is not None:
-            yield _done(*running)
+            yield _done(*running, self.config.upscale)
 
     def __call__(self, images: Sequence[np.ndarray], batch_size: int = 1, seed: int = 42
                  ) -> list[np.ndarray]:
-        """Super-resolves uint8 RGB images of any sizes, in their order (see :meth:`batches`)."""
+        """Super-resolves uint8 RGB images of any sizes, in their order (see :meth:`batches`;
+        image i's key is i)."""
         done = {i: sr for batch in self.batches(enumerate(images), batch_size, seed)
                 for i, _, sr in batch}
         return [done[i] for i in range(len(images))]
 
 
-def _done(chunk: list[tuple[K, np.ndarray]], sr: jax.Array
+def posterior_noise(key: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    """N(0, 1) noise (h, w, C) whose values at a pixel do not depend on ``h`` or ``w``: row r is
+    drawn from ``fold_in(key, r)`` as one flat vector (threefry's draws of a flat vector extend,
+    they do not reshuffle, as it grows)."""
+    h, w, c = shape
+    row = lambda r: jax.random.normal(jax.random.fold_in(key, r), (w * c,))  # noqa: E731
+    return jax.vmap(row)(jnp.arange(h)).reshape(h, w, c)
+
+
+def _fit(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """``x`` (B, H, W, C) cut or zero-padded at the bottom and right to ``size``."""
+    x = x[:, :size[0], :size[1]]
+    return jnp.pad(x, ((0, 0), (0, size[0] - x.shape[1]), (0, size[1] - x.shape[2]), (0, 0)))
+
+
+def _done(chunk: list[tuple[K, np.ndarray]], sr: jax.Array, upscale: int
           ) -> list[tuple[K, np.ndarray, np.ndarray]]:
     """A dispatched batch's ``(key, LR, SR)``, waited for (its padding dropped)."""
-    return [(key, im, out) for (key, im), out in zip(chunk, np.asarray(sr))]
+    sr = np.asarray(sr)
+    return [(key, im, sr[b, :upscale * im.shape[0], :upscale * im.shape[1]])
+            for b, (key, im) in enumerate(chunk)]

@@ -7,7 +7,8 @@ edge. ``jax.image.resize(method="cubic")`` uses a = −0.5 and differs.
 
 Each axis is one 1-D pass of four gathers with fixed indices and weights (built in numpy at trace
 time) summed in torch's order: O(4·pixels) work, tiny constants, and no matmul whose precision
-could drop to TF32 on GPUs.
+could drop to TF32 on GPUs. The tables can also be given per image (:func:`apply_taps`), so that
+images of several sizes, padded into one batch, are each resized as alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _cubic2(x: np.ndarray) -> np.ndarray:
     return ((_A * x - 5 * _A) * x + 8 * _A) * x - 4 * _A
 
 
-def _cubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+def cubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Torch's source indices (int32) and float32 weights for one axis, both (out_size, 4)."""
     scale = np.float32(in_size) / np.float32(out_size)
     centre = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
@@ -45,15 +46,37 @@ def _cubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return index.astype(np.int32), weights.astype(np.float32)
 
 
+def take_taps(x: jax.Array, index: np.ndarray | jax.Array, axis: int) -> jax.Array:
+    """``x`` (B, ...) gathered along ``axis`` (negative) at ``index``: (out,) for every image, or
+    (B, out) per image."""
+    if index.ndim == 1:
+        return jnp.take(x, index, axis=axis)
+    return jax.vmap(lambda image, i: jnp.take(image, i, axis=axis))(x, index)
+
+
+def apply_taps(x: jax.Array, index: np.ndarray | jax.Array, weights: np.ndarray | jax.Array,
+               axis: int) -> jax.Array:
+    """``Σ_j x[index[:, j]] · weights[:, j]`` along ``axis`` (negative), in torch's order; the
+    tables are (out, taps) for every image or (B, out, taps) per image."""
+    total = None
+    after = (1,) * (-axis - 1)
+    for j in range(index.shape[-1]):
+        w = weights[..., j]
+        if w.ndim == 1:
+            w = w.reshape(w.shape + after)
+        else:  # (B, out): image b's weights along its own axis
+            w = w.reshape((w.shape[0],) + (1,) * (x.ndim - 1 + axis) + w.shape[1:] + after)
+        tap = take_taps(x, index[..., j], axis) * w
+        total = tap if total is None else total + tap
+    return total
+
+
 def _resize_axis(x: jax.Array, out_size: int, axis: int) -> jax.Array:
     """One 1-D bicubic pass along ``axis`` (a negative axis)."""
     in_size = x.shape[axis]
     if in_size == out_size:  # torch's weights are then exactly (0, 1, 0, 0)
         return x
-    index, weights = _cubic_taps(in_size, out_size)
-    weights = weights.reshape((out_size, 4) + (1,) * (-axis - 1))
-    taps = [jnp.take(x, index[:, j], axis=axis) * weights[:, j] for j in range(4)]
-    return taps[0] + taps[1] + taps[2] + taps[3]  # torch's order
+    return apply_taps(x, *cubic_taps(in_size, out_size), axis)
 
 
 def resize_bicubic(x: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -104,22 +104,42 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], z: jax.Array, tile: int = 
     if h * w <= tile * tile:
         return fn(z)
     size = min(tile, h, w)
-    offsets = tile_offsets(h, w, size, overlap)
-    tiles = jnp.stack([z[:, y:y + size, x:x + size] for y, x in offsets])
+    corners = np.broadcast_to(np.array(tile_offsets(h, w, size, overlap), np.int32),
+                              (b, len(tile_offsets(h, w, size, overlap)), 2))
+    return tiled_apply_at(fn, z, corners, np.ones(corners.shape[:2], np.float32), size,
+                          max_tiles)
+
+
+def tiled_apply_at(fn: Callable[[jax.Array], jax.Array], z: jax.Array, corners: jax.Array,
+                   present: jax.Array, tile: int, max_tiles: int | None = None) -> jax.Array:
+    """:func:`tiled_apply` with each image's own tiles: ``corners`` (B, n, 2) are their
+    ``(y, x)``, and ``present`` (B, n) is 1 for a tile of the image and 0 for a slot that only
+    pads its count to n (computed, weighed 0). Pixels that no tile covers come out 0."""
+    b, h, w, c = z.shape
+    cut = jax.vmap(jax.vmap(lambda image, yx: jax.lax.dynamic_slice(
+        image, (yx[0], yx[1], 0), (tile, tile, c)), (None, 0)))
+    tiles = cut(z, corners).swapaxes(0, 1)  # (n, B, t, t, C), tile-major
 
     def body(chunk: jax.Array) -> jax.Array:
         out = fn(chunk.reshape(-1, *chunk.shape[2:]))
         return out.reshape(chunk.shape[0], b, *out.shape[1:])
 
     preds = _map_chunks(body, tiles, max_tiles)
-    weights = gaussian_weights(size, size)
-    total = np.zeros((h, w))
+    weights = jnp.asarray(gaussian_weights(tile, tile), jnp.float32)
+
+    def add(canvas: jax.Array, part: jax.Array, yx: jax.Array) -> jax.Array:
+        start = (yx[0], yx[1]) + (0,) * (canvas.ndim - 2)
+        window = jax.lax.dynamic_slice(canvas, start, part.shape)
+        return jax.lax.dynamic_update_slice(canvas, window + part, start)
+
+    add = jax.vmap(add)
     out = jnp.zeros((b, h, w, preds.shape[-1]), jnp.float32)
-    for i, (y, x) in enumerate(offsets):
-        total[y:y + size, x:x + size] += weights
-        out = out.at[:, y:y + size, x:x + size].add(
-            preds[i].astype(jnp.float32) * weights[:, :, None].astype(np.float32))
-    return (out / total[:, :, None].astype(np.float32)).astype(preds.dtype)
+    total = jnp.zeros((b, h, w), jnp.float32)
+    for i in range(corners.shape[1]):
+        weight = weights * present[:, i, None, None]
+        out = add(out, preds[i].astype(jnp.float32) * weight[..., None], corners[:, i])
+        total = add(total, weight, corners[:, i])
+    return (out / jnp.where(total > 0, total, 1)[..., None]).astype(preds.dtype)
 
 
 # --------------------------------------------------------------------------- tiled VAE
