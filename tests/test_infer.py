@@ -12,6 +12,8 @@ from PIL import Image
 
 import infer
 from conftest import convert_release
+from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline
+from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import load_image
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
@@ -147,3 +149,18 @@ def test_same_named_photos_both_get_outputs(tmp_path):
     assert sizes == {"photo_jpg.png": (452, 300), "photo_png.png": (384, 384),
                      "photo_jpg_2.png": (284, 428)}
     assert len(list((tmp_path / "out" / "compare").glob("*.png"))) == 3
+
+
+def test_one_class_of_sizes_matches_the_official_math_per_image(release, converted):
+    """Three sizes in one padded batch of one size class: each equals the official one-step
+    math of its own size."""
+    pipe = Pipeline(model_dir.load(converted), InferenceConfig(
+        process_size=128, vae_posterior="mean", color_fix="none", precision="fp32",
+        attention_impl="xla"))
+    photo = load_image(DATA / "astronaut.png")
+    lrs = [photo[:40, :48], photo[50:86, 10:54], photo[60:104, 70:110]]
+    assert len({pipe.size_class(*lr.shape[:2]) for lr in lrs}) == 1
+    for lr, got in zip(lrs, pipe(lrs, batch_size=3)):
+        want = official_one_step(release, lr, (4 * lr.shape[0], 4 * lr.shape[1]))
+        assert got.shape == want.shape
+        assert psnr(got, want) >= 45.0, psnr(got, want)
