@@ -32,7 +32,11 @@ def add_network_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upscale", type=int, default=4)
     p.add_argument("--process-size", type=int, default=512)
     p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
-    p.add_argument("--batch-size", type=int, default=1, help="images of one size per call")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images of one size class per call")
+    p.add_argument("--size-classes", type=int, default=2,
+                   help="size classes per octave of a side: images of one class share a "
+                        "compiled program (0: a program per size)")
     p.add_argument("--devices", type=int, default=1,
                    help="split each batch over this many devices (a multiple of them)")
     p.add_argument("--latent-tile", type=int, default=64)
@@ -51,7 +55,8 @@ def add_network_flags(p: argparse.ArgumentParser) -> None:
 
 
 # InferenceConfig fields whose flag is not the field's name
-FLAG_NAMES = {"attention_impl": "attention", "vae_posterior": "vae"}
+FLAG_NAMES = {"attention_impl": "attention", "vae_posterior": "vae",
+              "size_class_steps": "size_classes"}
 
 
 def inference_config(args: argparse.Namespace, **overrides) -> InferenceConfig:
@@ -69,7 +74,8 @@ def inference_config(args: argparse.Namespace, **overrides) -> InferenceConfig:
             "precision": args.precision, "latent_tile": args.latent_tile,
             "latent_overlap": args.latent_overlap, "vae_encoder_tile": args.vae_encoder_tile,
             "vae_decoder_tile": args.vae_decoder_tile, "latent_max_tiles": args.latent_max_tiles,
-            "vae_max_tiles": args.vae_max_tiles, "attention_impl": args.attention, **overrides})
+            "vae_max_tiles": args.vae_max_tiles, "attention_impl": args.attention,
+            "size_class_steps": args.size_classes, **overrides})
     except ValueError as e:  # "field=value: why" -> "--flag value: why"
         field, _, rest = str(e).partition("=")
         raise ValueError(f"--{FLAG_NAMES.get(field, field).replace('_', '-')} {rest}") from None
