@@ -90,10 +90,10 @@ def inference() -> dict[str, float]:
     mesh = sharding.make_mesh(sharding.ShardingConfig(4, 2))
     key = jax.random.key(0)
     single = Pipeline(model_dir.tiny(), config)
-    want = np.asarray(single.network(*single.inputs(list(images), range(8), key)), np.int32)
+    want = np.asarray(single.network(*single.inputs(list(images), range(8), key))[0], np.int32)
     pipe = Pipeline(model_dir.tiny(), config, mesh)
     with sharding.activate(mesh):
-        got = np.asarray(pipe.network(*pipe.inputs(list(images), range(8), key)), np.int32)
+        got = np.asarray(pipe.network(*pipe.inputs(list(images), range(8), key))[0], np.int32)
     return {"max": int(np.abs(got - want).max()), "differ": float(np.mean(got != want))}
 
 

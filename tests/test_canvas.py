@@ -46,11 +46,11 @@ def test_output_does_not_depend_on_the_batch():
     """The same photo alone, and third in a folder of mixed sizes at batch 3, gives one output."""
     pipe = Pipeline(model_dir.tiny(), InferenceConfig(**FP32, process_size=128))
     images = photos([(40, 48), (36, 44), (44, 40), (32, 32)], seed=1)
-    folder = {k: sr for batch in pipe.batches(zip("abcd", images), batch_size=3)
-              for k, _, sr in batch}
-    alone = next(pipe.batches([("c", images[2])], batch_size=1))[0][2]
+    folder = {r.key: r.sr for batch in pipe.batches(zip("abcd", images), batch_size=3)
+              for r in batch}
+    alone = next(pipe.batches([("c", images[2])], batch_size=1))[0].sr
     assert np.abs(alone.astype(int) - folder["c"]).max() <= 1
-    other = next(pipe.batches([("x", images[2])], batch_size=1))[0][2]
+    other = next(pipe.batches([("x", images[2])], batch_size=1))[0].sr
     assert np.abs(other.astype(int) - alone).max() > 1  # another key: other noise
 
 

@@ -58,6 +58,11 @@ class SizeClass:
     tile: int | None         # the latent tile when the transformer runs tiled, else None
     back: tuple[bool, int] | None  # the resize back to ×upscale: (rows first, taps), or None
 
+    def __str__(self) -> str:
+        return (f"{self.canvas[0]}x{self.canvas[1]}"
+                + (f", latent tiles of {self.tile}" if self.tile else ", untiled")
+                + (f", resized back ({self.back[1]} taps)" if self.back else ""))
+
 
 class Geometry(NamedTuple):
     """Each image's own sizes and tables in a batch of one :class:`SizeClass` (numpy, B first)."""

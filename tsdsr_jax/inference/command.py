@@ -3,15 +3,19 @@
     tsdsr-infer --model MODEL_DIR -i INPUT -o OUTDIR [--color-fix wavelet|adain|none] ...
     tsdsr-infer --model tiny -i tests/data -o outputs     # no weights: a tiny random model
 
-MODEL_DIR comes from `tsdsr-convert`. Outputs are PNGs named after the inputs. Unreadable
-inputs are reported and skipped; the exit code is then non-zero.
+MODEL_DIR comes from `tsdsr-convert`. Outputs are named after the inputs (subfolders mirrored
+with --recursive). Unreadable inputs, results that fail, and files in the way that are not our
+outputs are reported and skipped; the exit code is then non-zero. A run stopped by SIGTERM (or
+killed) finishes with the same command and --skip-existing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -23,11 +27,22 @@ import numpy as np
 from tqdm import tqdm
 
 from tsdsr_jax import cli
+from tsdsr_jax.inference.canvas import SizeClass
 from tsdsr_jax.inference.pipeline import Pipeline
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.io.images import ImageError, list_images, load_image, output_names, save_png
+from tsdsr_jax.io.images import (
+    FORMATS,
+    ImageError,
+    is_output,
+    list_images,
+    load_photo,
+    output_names,
+    save_image,
+)
 from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
+
+STOPPED = 75  # EX_TEMPFAIL, as tsdsr-train: run again (with --skip-existing) to finish
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,18 +51,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model directory from `tsdsr-convert`, or 'tiny' (random weights)")
     p.add_argument("-i", "--input", type=Path, required=True, help="an image or a folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--recursive", action="store_true",
+                   help="also the images in -i's subfolders (mirrored in the output folder)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="png")
+    p.add_argument("--quality", type=int, default=95, help="jpg and webp quality (1-100)")
+    p.add_argument("--png-compression", type=int, default=6,
+                   help="PNG compression level (0-9): lower writes faster, larger files")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave outputs that a run of ours already wrote; do the rest")
+    p.add_argument("--shard", type=str, default=None,
+                   help="K/N: only the K-th (from 0) of N disjoint parts of the sorted inputs "
+                        "(default under SLURM: this task's)")
     p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
     p.add_argument("--vae", choices=["sample", "mean"], default="sample",
                    help="posterior sample (official) or its mean (deterministic)")
     p.add_argument("--seed", type=cli.seed, default=42)
     cli.add_network_flags(p)
     p.add_argument("--compare", action="store_true",
-                   help="also write OUTDIR/compare/NAME.png: LR (nearest) | SR")
+                   help="also write OUTDIR/compare/NAME: LR (nearest) | SR")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads that decode the inputs and encode the outputs")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "tsdsr_jax",
                    help="JAX's persistent compilation cache")
     return p.parse_args(argv)
+
+
+def shard_of(text: str | None) -> tuple[int, int]:
+    """``--shard K/N`` as (K, N); by default SLURM's task of the job step, else (0, 1)."""
+    if text is None:
+        return (int(os.environ.get("SLURM_PROCID", "0")),
+                int(os.environ.get("SLURM_NTASKS", "1")))
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise ValueError(f"--shard {text}: must be K/N with 0 <= K < N")
+    return int(k), int(n)
+
+
+def check(args: argparse.Namespace) -> None:
+    """The flags that no config checks; a ValueError names the flag."""
+    if args.input.is_dir() and args.output.resolve() == args.input.resolve():
+        raise ValueError(f"{args.output}: write the outputs to another folder than the inputs")
+    for folder in (args.output, *args.output.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"-o {args.output}: {folder} is not a folder")
+            break
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be at least 1")
+    if not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality {args.quality}: must be 1 to 100")
+    if not 0 <= args.png_compression <= 9:
+        raise ValueError(f"--png-compression {args.png_compression}: must be 0 to 9")
+    if args.devices > len(jax.local_devices()):
+        raise ValueError(f"--devices {args.devices}: this host has {len(jax.local_devices())}")
 
 
 def load_model(name: str) -> model_dir.Model:
@@ -58,23 +114,61 @@ def load_model(name: str) -> model_dir.Model:
     return model_dir.load(name)
 
 
+class Folder:
+    """The inputs of this run (this shard's), where each one's output goes, and what is in
+    the way. Keys are paths relative to -i: an image's noise derives from the seed and its
+    key alone, so its output depends neither on the folder nor on the batch."""
+
+    def __init__(self, args: argparse.Namespace):
+        paths = list_images(args.input, exclude=args.output, recursive=args.recursive)
+        k, n = shard_of(args.shard)
+        self.root = args.input if args.input.is_dir() else args.input.parent
+        names = output_names(paths, self.root if args.recursive else None, "." + args.format)
+        self.inputs: dict[str, Path] = {}
+        self.outputs: dict[str, Path] = {}
+        self.done = self.failed = 0
+        self._lock = threading.Lock()  # the writer threads count too
+        for path in paths[k::n]:
+            key, out = path.relative_to(self.root).as_posix(), args.output / names[path]
+            if out.exists() and out.resolve() == path.resolve():
+                self.fail(f"{path}: its output {out} would overwrite the input")
+            elif out.exists() and not is_output(out):
+                self.fail(f"{path}: {out} exists and is not an output of ours; not overwritten")
+            elif out.exists() and args.skip_existing:
+                self.done += 1
+            else:
+                self.inputs[key], self.outputs[key] = path, out
+        self._remove_partials()
+
+    def fail(self, message: str) -> None:
+        tqdm.write(f"error: {message}; skipped", file=sys.stderr)
+        with self._lock:
+            self.failed += 1
+
+    def wrote(self) -> None:
+        with self._lock:
+            self.done += 1
+
+    def _remove_partials(self) -> None:
+        """Deletes what a killed run left of the outputs to do (hidden ``.NAME.partial-PID``)."""
+        ours = set(self.outputs.values())
+        for folder in {out.parent for out in ours}:
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    name, _, pid = p.name.rpartition(".partial-")
+                    if p.name.startswith(".") and pid.isdigit() and folder / name[1:] in ours:
+                        p.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = cli.inference_config(args, color_fix=args.color_fix, vae_posterior=args.vae)
-        if args.input.is_dir() and args.output.resolve() == args.input.resolve():
-            raise ValueError(f"{args.output}: write the outputs to another folder than the inputs")
-        if args.output.exists() and not args.output.is_dir():
-            raise ValueError(f"-o {args.output}: not a folder")
-        if args.workers < 1:
-            raise ValueError(f"--workers {args.workers}: must be at least 1")
-        if args.devices > len(jax.local_devices()):
-            raise ValueError(f"--devices {args.devices}: this host has "
-                             f"{len(jax.local_devices())}")
+        check(args)
         if not runnable_here(config.attention_impl):
             raise ValueError(f"--attention cudnn: needs a GPU (jax runs on "
                              f"{jax.default_backend()} here); use --attention xla")
-        paths = list_images(args.input, exclude=args.output)
+        folder = Folder(args)
         mesh = None
         if args.devices > 1:
             mesh = make_mesh(ShardingConfig(data=args.devices), jax.local_devices()[:args.devices])
@@ -84,71 +178,93 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = output_names(paths)
-    jobs = []
-    for path in paths:
-        if (args.output / names[path]).resolve() == path.resolve():
-            print(f"error: {path}: its output {args.output / names[path]} would overwrite the "
-                  "input; skipped", file=sys.stderr)
-        else:
-            jobs.append(path)
-    # an image's noise derives from the seed and its path relative to -i: its output does not
-    # depend on the folder it is in or on its batch
-    root = args.input if args.input.is_dir() else args.input.parent
-    keys = {path.relative_to(root).as_posix(): path for path in jobs}
-    written = 0
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        run(args, folder, pipe, stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary = f"{folder.done} image(s) in {args.output}"
+    if folder.failed:
+        summary += f"; {folder.failed} failed"
+    if stop:
+        print(f"stopped by SIGTERM: {summary}; rerun with --skip-existing to finish",
+              file=sys.stderr)
+        return STOPPED
+    print(summary)
+    return 1 if folder.failed else 0
+
+
+def run(args: argparse.Namespace, folder: Folder, pipe: Pipeline, stop: list) -> None:
+    """Decodes, super-resolves and writes ``folder``'s inputs until done or ``stop``."""
+    profiles: dict[str, bytes | None] = {}
+
+    def compiling(cls: SizeClass) -> None:
+        tqdm.write(f"compiling for size class {cls} (batch {args.batch_size}): its first "
+                   "batch waits for the compile")
+
     with ThreadPoolExecutor(args.workers) as pool, \
-            tqdm(total=len(jobs), unit="img") as bar:
-        decoding = _decoded(pool, keys, 2 * args.workers + 2 * args.batch_size)
+            tqdm(total=len(folder.inputs), unit="img") as bar:
+        photos = _decoded(pool, folder, profiles, 2 * args.workers + 2 * args.batch_size, stop)
         writing: deque[Future] = deque()
         tic = time.perf_counter()
-        for batch in pipe.batches(decoding, args.batch_size, args.seed):
-            for key, lr, out in batch:
-                writing.append(pool.submit(_write, args, keys[key], names[keys[key]], lr, out))
+        for batch in pipe.batches(photos, args.batch_size, args.seed, on_compile=compiling):
+            for result in batch:
+                icc = profiles.pop(result.key)
+                if result.problem:
+                    folder.fail(f"{folder.inputs[result.key]}: {result.problem}")
+                    continue
+                writing.append(pool.submit(_write, args, folder, result.key, result.lr,
+                                           result.sr, icc))
             while len(writing) > 2 * args.workers:  # the writers keep up, or the device waits
-                written += writing.popleft().result()
+                writing.popleft().result()
             toc = time.perf_counter()
             bar.set_postfix_str(f"{(toc - tic) * 1000 / len(batch):.0f} ms/img")
             bar.update(len(batch))
             tic = toc
-        written += sum(f.result() for f in writing)
-    failed = len(paths) - written
-    print(f"wrote {written} image(s) to {args.output}" + (f"; {failed} failed" if failed else ""))
-    return 1 if failed else 0
+        for future in writing:
+            future.result()
 
 
-def _decoded(pool: ThreadPoolExecutor, keys: dict[str, Path], ahead: int
-             ) -> Iterator[tuple[str, np.ndarray]]:
-    """The images of ``keys`` as ``(key, uint8 image)``, decoded by ``pool`` at most ``ahead``
-    ahead of their use; unreadable ones are reported and left out."""
+def _decoded(pool: ThreadPoolExecutor, folder: Folder, profiles: dict[str, bytes | None],
+             ahead: int, stop: list) -> Iterator[tuple[str, np.ndarray]]:
+    """``folder``'s inputs as ``(key, uint8 image)``, decoded by ``pool`` at most ``ahead``
+    ahead of their use (their ICC profiles into ``profiles``); unreadable ones are reported
+    and left out. Ends early once ``stop`` is set."""
     pending: deque[tuple[str, Future]] = deque()
-    items = iter(keys.items())
-    while True:
+    items = iter(folder.inputs.items())
+    while not stop:
         for key, path in items:
-            pending.append((key, pool.submit(load_image, path)))
+            pending.append((key, pool.submit(load_photo, path)))
             if len(pending) >= ahead:
                 break
         if not pending:
             return
         key, future = pending.popleft()
         try:
-            yield key, future.result()
+            photo = future.result()
         except ImageError as e:
-            print(f"error: {e}; skipped", file=sys.stderr)
+            folder.fail(str(e))
+            continue
+        profiles[key] = photo.icc_profile
+        yield key, photo.pixels
 
 
-def _write(args: argparse.Namespace, path: Path, name: str, lr: np.ndarray, out: np.ndarray
-           ) -> int:
-    """Writes one output (and its comparison); 1 when written."""
+def _write(args: argparse.Namespace, folder: Folder, key: str, lr: np.ndarray, sr: np.ndarray,
+           icc: bytes | None) -> None:
+    """Writes one output (and its comparison), carrying the input's ICC profile."""
+    out = folder.outputs[key]
+    options = dict(quality=args.quality, compress_level=args.png_compression, icc_profile=icc)
     try:
-        save_png(out, args.output / name)
+        save_image(sr, out, **options)
         if args.compare:
             up = np.kron(lr, np.ones((args.upscale, args.upscale, 1), np.uint8))
-            save_png(np.concatenate([up, out], axis=1), args.output / "compare" / name)
+            save_image(np.concatenate([up, sr], axis=1),
+                       args.output / "compare" / out.relative_to(args.output), **options)
     except OSError as e:
-        print(f"error: {path}: cannot write {args.output / name} ({e})", file=sys.stderr)
-        return 0
-    return 1
+        folder.fail(f"{folder.inputs[key]}: cannot write {out} ({e})")
+        return
+    folder.wrote()
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +43,13 @@ from tsdsr_jax.io.images import to_uint8
 from tsdsr_jax.io.model_dir import Model
 from tsdsr_jax.models import PRECISIONS, lora, mmdit
 from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT, MMDiTConfig
-from tsdsr_jax.models.vae import AutoencoderKL
+from tsdsr_jax.models.vae import AutoencoderKL, region_mask
 
 K = TypeVar("K")
 MAX_UPSCALE = 16
+# What a batch that fails on the device (out of memory, most likely) is told to try.
+SMALLER = ("--latent-max-tiles 4, or --vae-encoder-tile 1024 --vae-decoder-tile 128 "
+           "--vae-max-tiles 1, or a smaller --batch-size")
 # The smallest tiles: below them the halos dwarf the tiles (and the windows' count explodes).
 MIN_LATENT_TILE, MIN_VAE_ENCODER_TILE, MIN_VAE_DECODER_TILE = 8, 128, 16
 
@@ -165,10 +168,12 @@ class Pipeline:
     # ------------------------------------------------------------------ the jitted network
 
     def _super_resolve(self, params: dict[str, Any], lr: jax.Array, ids: jax.Array,
-                       rng: jax.Array, geometry: Geometry, cls: SizeClass) -> jax.Array:
-        """(B, h, w, 3) uint8 LR canvases -> (B, H, W, 3) uint8 SR canvases of class ``cls``;
-        each image at the top left, of its own sizes in ``geometry``; ``ids`` (B,) uint32 key
-        each image's posterior noise (with ``rng``)."""
+                       rng: jax.Array, geometry: Geometry, cls: SizeClass
+                       ) -> tuple[jax.Array, jax.Array]:
+        """(B, h, w, 3) uint8 LR canvases -> (B, H, W, 3) uint8 SR canvases of class ``cls``
+        and (B,) whether each image's result was finite; each image at the top left, of its
+        own sizes in ``geometry``; ``ids`` (B,) uint32 key each image's posterior noise (with
+        ``rng``)."""
         cfg, nets, g = self.config, self.nets, geometry
         image = lr.astype(jnp.float32) / 255
         x = apply_taps(apply_taps(image, *g.cols, axis=-2), *g.rows, axis=-3)
@@ -208,7 +213,10 @@ class Pipeline:
         source = image
         if cfg.color_fix == "wavelet":  # the LR upscaled by PIL to the output's size
             source = resize_with_taps(lr, *g.source, rows_first=False).astype(jnp.float32) / 255
-        return to_uint8(colorfix.COLOR_FIXES[cfg.color_fix](sr, source, g.final, g.lr))
+        fixed = colorfix.COLOR_FIXES[cfg.color_fix](sr, source, g.final, g.lr)
+        inside = region_mask(g.final, *fixed.shape[1:3])
+        finite = jnp.all(jnp.isfinite(fixed) | ~inside, axis=(1, 2, 3))
+        return to_uint8(fixed), finite
 
     # ------------------------------------------------------------------ images in, images out
 
@@ -233,10 +241,11 @@ class Pipeline:
                 self.classes.geometry(cls, sizes), cls)
 
     def dispatch(self, images: Sequence[np.ndarray], ids: Sequence[int], rng: jax.Array
-                 ) -> jax.Array:
+                 ) -> tuple[jax.Array, jax.Array]:
         """Starts a batch of uint8 LR images (h, w, 3) of one size class on the device and
-        returns their SR canvases (B, H, W, 3) uint8 without waiting (image b's SR is its
-        top-left ``upscale·h x upscale·w``); with a mesh, B must be a multiple of its size."""
+        returns their SR canvases (B, H, W, 3) uint8 and whether each is finite (B,), without
+        waiting (image b's SR is its top-left ``upscale·h x upscale·w``); with a mesh, B must
+        be a multiple of its size."""
         if self.mesh is not None and len(images) % self.mesh.size:
             raise ValueError(f"a batch of {len(images)} does not split over "
                              f"{self.mesh.size} devices")
@@ -244,44 +253,50 @@ class Pipeline:
             return self.network(*self.inputs(images, ids, rng))
 
     def batches(self, images: Iterable[tuple[K, np.ndarray]], batch_size: int = 1,
-                seed: int = 42, window: int | None = None
-                ) -> Iterator[list[tuple[K, np.ndarray, np.ndarray]]]:
+                seed: int = 42, window: int | None = None,
+                on_compile: Callable[[SizeClass], None] | None = None
+                ) -> Iterator[list[Result[K]]]:
         """Super-resolves keyed uint8 RGB images of any sizes as they come, ``batch_size`` of
         one size class at a time (a short batch is padded by repeating its last image, so that
-        each class compiles once); yields each batch's ``(key, LR, SR)`` once done. At most
+        each class compiles once); yields each batch's :class:`Result` once done. At most
         ``window`` images (default 4 batches) wait for their class's batch to fill; then the
         fullest class goes short. The next batch is already on the device while the caller
-        handles one. An image's noise derives from ``seed`` and ``noise_id(key)``."""
+        handles one. An image's noise derives from ``seed`` and ``noise_id(key)``.
+        ``on_compile`` hears of each class before its first batch (which compiles)."""
         window = window or 4 * batch_size
         rng = jax.random.key(seed)
         waiting: dict[SizeClass, list[tuple[K, np.ndarray]]] = {}
+        seen: set[SizeClass] = set()
         running = None
 
-        def start(cls: SizeClass):
+        def start(cls: SizeClass) -> tuple[list[tuple[K, np.ndarray]], Any]:
             chunk = waiting.pop(cls)
+            if cls not in seen and on_compile is not None:
+                on_compile(cls)
+            seen.add(cls)
             lr = [im for _, im in chunk]
             lr += lr[-1:] * (batch_size - len(lr))
             ids = [noise_id(key) for key, _ in chunk]
             ids += ids[-1:] * (batch_size - len(ids))
-            return chunk, self.dispatch(lr, ids, rng)
+            try:
+                return chunk, self.dispatch(lr, ids, rng)
+            except jax.errors.JaxRuntimeError as e:
+                return chunk, e
 
-        def ready() -> Iterator[SizeClass]:
-            for cls, chunk in list(waiting.items()):
-                if len(chunk) == batch_size:
-                    yield cls
-            if sum(map(len, waiting.values())) >= window:
-                yield max(waiting, key=lambda c: len(waiting[c]))
+        def fullest() -> SizeClass:
+            return max(waiting, key=lambda c: len(waiting[c]))
 
         for key, image in images:
-            waiting.setdefault(self.size_class(*image.shape[:2]), []).append((key, image))
-            for cls in ready():
-                started = start(cls)
-                if running is not None:
-                    yield _done(*running, self.config.upscale)
-                running = started
-                break
+            cls = self.size_class(*image.shape[:2])
+            waiting.setdefault(cls, []).append((key, image))
+            if len(waiting[cls]) < batch_size and sum(map(len, waiting.values())) < window:
+                continue
+            started = start(cls if len(waiting[cls]) == batch_size else fullest())
+            if running is not None:
+                yield _done(*running, self.config.upscale)
+            running = started
         while waiting:
-            started = start(max(waiting, key=lambda c: len(waiting[c])))
+            started = start(fullest())
             if running is not None:
                 yield _done(*running, self.config.upscale)
             running = started
@@ -291,10 +306,24 @@ class Pipeline:
     def __call__(self, images: Sequence[np.ndarray], batch_size: int = 1, seed: int = 42
                  ) -> list[np.ndarray]:
         """Super-resolves uint8 RGB images of any sizes, in their order (see :meth:`batches`;
-        image i's key is i)."""
-        done = {i: sr for batch in self.batches(enumerate(images), batch_size, seed)
-                for i, _, sr in batch}
+        image i's key is i); a :class:`Result`'s problem is a RuntimeError."""
+        done = {}
+        for batch in self.batches(enumerate(images), batch_size, seed):
+            for result in batch:
+                if result.problem:
+                    raise RuntimeError(f"image {result.key}: {result.problem}")
+                done[result.key] = result.sr
         return [done[i] for i in range(len(images))]
+
+
+class Result(NamedTuple, Generic[K]):
+    """One image's outcome: its SR, or None and the ``problem`` (non-finite values, or a batch
+    that failed on the device)."""
+
+    key: K
+    lr: np.ndarray
+    sr: np.ndarray | None
+    problem: str | None = None
 
 
 def posterior_noise(key: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
@@ -312,9 +341,18 @@ def _fit(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, size[0] - x.shape[1]), (0, size[1] - x.shape[2]), (0, 0)))
 
 
-def _done(chunk: list[tuple[K, np.ndarray]], sr: jax.Array, upscale: int
-          ) -> list[tuple[K, np.ndarray, np.ndarray]]:
-    """A dispatched batch's ``(key, LR, SR)``, waited for (its padding dropped)."""
-    sr = np.asarray(sr)
-    return [(key, im, sr[b, :upscale * im.shape[0], :upscale * im.shape[1]])
+def _done(chunk: list[tuple[K, np.ndarray]], started: Any, upscale: int) -> list[Result[K]]:
+    """A dispatched batch's results, waited for (its padding dropped)."""
+    try:
+        if isinstance(started, Exception):
+            raise started
+        sr, finite = (np.asarray(a) for a in started)
+    except jax.errors.JaxRuntimeError as e:
+        what = "out of memory" if "RESOURCE_EXHAUSTED" in str(e) else str(e).split("\n")[0]
+        return [Result(key, im, None, f"failed on the device ({what}); try {SMALLER}")
+                for key, im in chunk]
+    return [Result(key, im, sr[b, :upscale * im.shape[0], :upscale * im.shape[1]], None)
+            if finite[b] else
+            Result(key, im, None, f"non-finite values in the output; try --precision fp32 "
+                                  f"or {SMALLER}")
             for b, (key, im) in enumerate(chunk)]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from tsdsr_jax import sharding
 from tsdsr_jax.io import model_dir
-from tsdsr_jax.io.images import save_png, to_uint8
+from tsdsr_jax.io.images import save_image, to_uint8
 from tsdsr_jax.io.tree import flatten, nest, shape_problems
 from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
@@ -192,7 +192,7 @@ def train(config: ml_collections.ConfigDict) -> int | None:
             if step % config.validate_every == 0:
                 image = np.asarray(validate(state, frozen, batch))
                 if first:
-                    save_png(to_uint8(image), workdir / "validation" / f"step_{step:07d}.png")
+                    save_image(to_uint8(image), workdir / "validation" / f"step_{step:07d}.png")
             stop = preemption.reached(step)
             if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
                 checkpoints.save(step, state, batches.get_state())
