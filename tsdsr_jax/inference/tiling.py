@@ -217,12 +217,10 @@ def _core_stats(h: jax.Array, groups: int, mask: np.ndarray) -> tuple[jax.Array,
     """Per-image, per-group ``(mean, var)`` (B, G) over the cores of all n windows of ``h``
     (n·B, H, W, C), tile-major; ``mask`` (n, H, W) marks the cores."""
     n = mask.shape[0]
-    d = h.astype(jnp.float32).reshape(n, h.shape[0] // n, *h.shape[1:3], groups, -1)
-    m = jnp.asarray(mask[:, None, :, :, None, None], jnp.float32)
-    count = mask.sum() * d.shape[-1]
-    mean = (m * d).sum((0, 2, 3, 5)) / count
-    var = (m * jnp.square(d - mean[:, None, None, :, None])).sum((0, 2, 3, 5)) / count
-    return mean, var
+    _, height, width, c = h.shape
+    by_image = h.reshape(n, -1, height, width, c).swapaxes(0, 1).reshape(-1, n * height, width, c)
+    cores = np.broadcast_to(mask[None, ..., None], (by_image.shape[0], n, height, width, 1))
+    return group_moments(by_image, groups, cores.reshape(-1, n * height, width, 1))
 
 
 def _exact(fn: Callable[[jax.Array], jax.Array], tiles: jax.Array, plan: _Plan) -> jax.Array:

@@ -109,37 +109,32 @@ class VAEConfig:
                                            "block_out_channels": list(self.block_out_channels)}
 
 
-def group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """Per-sample, per-group float32 ``(mean, var)`` of NHWC ``x``, each (N, num_groups).
+def group_moments(x: jax.Array, num_groups: int, mask: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Per-sample, per-group float32 ``(mean, var)`` of NHWC ``x``, each (N, num_groups), over
+    all pixels or those where ``mask`` (N, H, W, 1) is true (the first pixel must be).
 
     One pass over ``x``: each channel's sum and sum of squares in float32, taken about the
     channel's first pixel (so that a large mean cancels nothing), then merged into groups on
     (N, C) arrays (the parallel-variance formula)."""
     n, c = x.shape[0], x.shape[-1]
     flat = x.reshape(n, -1, c)
-    count = flat.shape[1]
     shift = flat[:, 0].astype(jnp.float32)
     d = flat.astype(jnp.float32) - shift[:, None]
-    s1, s2 = d.sum(1), jnp.square(d).sum(1)
+    if mask is None:
+        count = jnp.full((n, 1), flat.shape[1], jnp.float32)
+    else:
+        weight = mask.reshape(n, -1, 1).astype(jnp.float32)
+        d = d * weight
+        count = weight.sum(1)
+    s1, s2 = d.sum(1), jnp.square(d).sum(1)  # count, s1 and s2: (N, C) or (N, 1)
     channel_mean = shift + s1 / count
     channel_m2 = s2 - s1 * s1 / count  # sum of squared deviations from the channel mean
     grouped = lambda a: a.reshape(n, num_groups, c // num_groups)  # noqa: E731
     mean = grouped(channel_mean).mean(-1)
     m2 = (grouped(channel_m2)
-          + count * jnp.square(grouped(channel_mean) - mean[..., None])).sum(-1)
+          + count[..., None] * jnp.square(grouped(channel_mean) - mean[..., None])).sum(-1)
     return mean, m2 / (count * (c // num_groups))
-
-
-def masked_group_moments(x: jax.Array, mask: jax.Array, num_groups: int
-                         ) -> tuple[jax.Array, jax.Array]:
-    """:func:`group_moments` over the pixels where ``mask`` (N, H, W, 1) is true (two passes)."""
-    n, c = x.shape[0], x.shape[-1]
-    m = mask.astype(jnp.float32).reshape(n, -1, 1, 1)
-    d = x.astype(jnp.float32).reshape(n, -1, num_groups, c // num_groups)
-    count = m.sum((1, 2, 3)) * (c // num_groups)
-    mean = (m * d).sum((1, 3)) / count[:, None]
-    var = (m * jnp.square(d - mean[:, None, :, None])).sum((1, 3)) / count[:, None]
-    return mean, var
 
 
 def region_mask(extent: jax.Array, height: int, width: int) -> jax.Array:
@@ -176,11 +171,9 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,))
         if stats is not None:
             mean, var = stats
-        elif extent is not None:
-            mean, var = masked_group_moments(x, region_mask(extent, *x.shape[1:3]),
-                                             self.num_groups)
         else:
-            mean, var = group_moments(x, self.num_groups)
+            mask = None if extent is None else region_mask(extent, *x.shape[1:3])
+            mean, var = group_moments(x, self.num_groups, mask)
         h = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
         h = (h - mean[:, None, :, None]) * jax.lax.rsqrt(var[:, None, :, None] + EPS)
         return (h.reshape(x.shape) * scale + bias).astype(x.dtype)
