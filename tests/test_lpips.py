@@ -20,6 +20,7 @@ from conftest import rel_err
 from tsdsr_jax.conversion.command import main as convert_main
 from tsdsr_jax.conversion.lpips import plan_lpips
 from tsdsr_jax.conversion.torch_layout import ConversionError
+from tsdsr_jax.evaluation.evaluate import lpips_distances
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.tree import flatten, nest
 from tsdsr_jax.models.lpips import lpips
@@ -181,3 +182,36 @@ def test_unknown_backbone_is_reported(tmp_path):
     file.write_bytes(b"not a checkpoint")
     with pytest.raises(ConversionError, match="cannot read as a torch checkpoint"):
         plan_lpips(file)
+
+
+def test_padded_batch_matches_lpips_package_per_pair(nets, pairs):
+    """Pairs of three sizes padded into one batch (garbage beyond them) give the lpips
+    package's distance of each pair alone."""
+    _, _, model, params = nets
+    x, y = pairs
+    sizes = [(40, 56), (48, 48), (32, 64)]
+    canvas = np.random.default_rng(0).random((2, 3, 56, 72, 3), dtype=np.float32)
+    want = []
+    for b, (h, w) in enumerate(sizes):
+        canvas[0, b, :h, :w], canvas[1, b, :h, :w] = x[3 * b, :h, :w], y[3 * b + 1, :h, :w]
+        with torch.no_grad():
+            want.append(float(model(torch_nchw(x[3 * b:3 * b + 1, :h, :w]),
+                                    torch_nchw(y[3 * b + 1:3 * b + 2, :h, :w]),
+                                    normalize=True)))
+    got = jax.jit(lpips)(params, canvas[0], canvas[1], extent=np.array(sizes, np.int32))
+    assert rel_err(np.asarray(got), np.array(want)) < 1e-5
+
+
+def test_evaluate_batches_mixed_sizes_by_class(nets, pairs):
+    """tsdsr-evaluate's LPIPS of pairs of several sizes (two share a class, batched and padded)
+    equals the lpips package's, pair by pair."""
+    _, _, model, params = nets
+    x, y = (np.rint(v * 255).astype(np.uint8) for v in pairs)
+    images = [(x[0, :40, :56], y[0, :40, :56]), (x[4, :48, :48], y[4, :48, :48]),
+              (x[8, :33, :64], y[8, :33, :64])]
+    got = lpips_distances(images, params)
+    for i, (a, b) in enumerate(images):
+        with torch.no_grad():
+            want = float(model(torch_nchw(a[None] / np.float32(255)),
+                               torch_nchw(b[None] / np.float32(255)), normalize=True))
+        assert abs(got[i] - want) <= 1e-5 * max(abs(want), 1e-3), (i, got[i], want)

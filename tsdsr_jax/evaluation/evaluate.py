@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tsdsr_jax import cli
 from tsdsr_jax.conversion.lpips import plan_lpips
 from tsdsr_jax.conversion.torch_layout import ConversionError
 from tsdsr_jax.evaluation import metrics
+from tsdsr_jax.inference.canvas import ladder
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import ImageError, list_images, load_image
 from tsdsr_jax.io.tree import nest
@@ -116,15 +118,38 @@ def lpips_params(args: argparse.Namespace) -> Any:
 def evaluate(images: list[tuple[np.ndarray, np.ndarray]], params: Any, space: str
              ) -> list[dict[str, float]]:
     """Per image ``{'PSNR': ..., 'SSIM': ..., 'LPIPS': ...}`` (LPIPS only with ``params``)."""
-    distance = jax.jit(lpips)
-    rows = []
-    for x, y in images:
-        row = {"PSNR": metrics.psnr(x, y, space), "SSIM": metrics.ssim(x, y, space)}
-        if params is not None:
-            sr, gt = (jnp.asarray(im[None], jnp.float32) / 255 for im in (x, y))
-            row["LPIPS"] = float(distance(params, sr, gt)[0])
-        rows.append(row)
+    rows = [{"PSNR": metrics.psnr(x, y, space), "SSIM": metrics.ssim(x, y, space)}
+            for x, y in images]
+    if params is not None:
+        for i, d in lpips_distances(images, params).items():
+            rows[i]["LPIPS"] = d
     return rows
+
+
+LPIPS_BATCH = 4
+
+
+def lpips_distances(images: list[tuple[np.ndarray, np.ndarray]], params: Any
+                    ) -> dict[int, float]:
+    """LPIPS of each (SR, GT) pair, :data:`LPIPS_BATCH` pairs of one size class at a time
+    (:func:`tsdsr_jax.inference.canvas.ladder`: a compile per class, not per size), all
+    dispatched before any is waited for."""
+    distance = jax.jit(lpips)
+    by_class: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, (x, _) in enumerate(images):
+        by_class[tuple(ladder(s, 2) for s in x.shape[:2])].append(i)
+    running = []
+    for canvas, members in by_class.items():
+        for start in range(0, len(members), LPIPS_BATCH):
+            chunk = members[start:start + LPIPS_BATCH]
+            chunk += chunk[-1:] * (LPIPS_BATCH - len(chunk))
+            pair = np.zeros((2, len(chunk), *canvas, 3), np.float32)
+            for b, i in enumerate(chunk):
+                for k, im in enumerate(images[i]):
+                    pair[k, b, :im.shape[0], :im.shape[1]] = im / np.float32(255)
+            extent = np.array([images[i][0].shape[:2] for i in chunk], np.int32)
+            running.append((chunk, distance(params, pair[0], pair[1], extent=extent)))
+    return {i: float(d) for chunk, out in running for i, d in zip(chunk, np.asarray(out))}
 
 
 def pyiqa_scores(pairs: list[tuple[str, Path, Path]], sr: Path, gt: Path

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax.models.vae import region_mask
+from tsdsr_jax.models.extent import region_mask
 
 WAVELET_LEVELS = 5
 ADAIN_EPS = 1e-5

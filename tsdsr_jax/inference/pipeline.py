@@ -42,8 +42,9 @@ from tsdsr_jax.inference.resize import apply_taps
 from tsdsr_jax.io.images import to_uint8
 from tsdsr_jax.io.model_dir import Model
 from tsdsr_jax.models import PRECISIONS, lora, mmdit
+from tsdsr_jax.models.extent import region_mask
 from tsdsr_jax.models.mmdit import ATTENTION_IMPLS, MMDiT, MMDiTConfig
-from tsdsr_jax.models.vae import AutoencoderKL, region_mask
+from tsdsr_jax.models.vae import AutoencoderKL
 
 K = TypeVar("K")
 MAX_UPSCALE = 16

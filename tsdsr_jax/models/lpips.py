@@ -5,6 +5,9 @@ Parameter names are torch's: the backbone convs are torchvision's ``features.{i}
 the ``lpips`` package's ``lin{k}.model.1``; kernels HWIO. Inputs are NHWC images in [0, 1]::
 
     d = lpips(params, sr, hr)  # (B,) distances, differentiable, jittable, any float dtype
+
+Given ``extent`` (B, 2), images of several sizes share the batch (each at the top left,
+:mod:`tsdsr_jax.models.extent`) and each gets its distance alone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsdsr_jax.models.extent import masked_mean, zero_outside
 from tsdsr_jax.models.lora import Conv
 
 Dtype = Any
@@ -69,28 +73,43 @@ class LPIPS(nn.Module):
     net: str = "alex"
     dtype: Dtype | None = None
 
-    def features(self, x: jax.Array) -> list[jax.Array]:
+    def features(self, x: jax.Array, extent: jax.Array | None = None
+                 ) -> list[tuple[jax.Array, jax.Array | None]]:
+        """The tapped layers, each with its extent (None without one)."""
         convs, taps, pooled, pool = LAYERS[self.net]
         out = []
+        x = zero_outside(x, extent)
         for index, features, kernel, stride, padding in convs:
             if index in pooled:
                 x = _max_pool(x, *pool)
+                if extent is not None:
+                    extent = (extent - pool[0]) // pool[1] + 1
+                    x = zero_outside(x, extent)
             x = nn.relu(Conv(features, (kernel, kernel), (stride, stride), padding,
                              dtype=self.dtype, name=f"features.{index}")(x))
+            if extent is not None:
+                extent = (extent + 2 * padding - kernel) // stride + 1
+                x = zero_outside(x, extent)
             if index in taps:
-                out.append(x)
+                out.append((x, extent))
         return out
 
     @nn.compact
-    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, y: jax.Array, extent: jax.Array | None = None
+                 ) -> jax.Array:
         shift, scale = jnp.asarray(SHIFT), jnp.asarray(SCALE)
         both = (jnp.concatenate([x, y]).astype(jnp.float32) * 2 - 1 - shift) / scale
+        both_extent = None if extent is None else jnp.concatenate([extent, extent])
         total = jnp.zeros((x.shape[0],), jnp.float32)
-        for k, f in enumerate(self.features(both.astype(self.dtype or x.dtype))):
+        for k, (f, f_extent) in enumerate(
+                self.features(both.astype(self.dtype or x.dtype), both_extent)):
             f = _unit(f.astype(jnp.float32))
             fx, fy = jnp.split(f, 2)
             head = Head(name=f"lin{k}")(jnp.square(fx - fy))
-            total = total + jnp.mean(head, axis=(1, 2, 3))
+            if f_extent is None:
+                total = total + jnp.mean(head, axis=(1, 2, 3))
+            else:
+                total = total + masked_mean(head, f_extent[:x.shape[0]])[:, 0]
         return total
 
 
@@ -99,9 +118,11 @@ def net_of(params: PyTree) -> str:
     return "vgg" if "features.28" in params else "alex"
 
 
-def lpips(params: PyTree, x: jax.Array, y: jax.Array, dtype: Dtype | None = None) -> jax.Array:
-    """LPIPS distances ``(B,)`` between NHWC images ``x`` and ``y`` in [0, 1]."""
-    return LPIPS(net_of(params), dtype).apply({"params": params}, x, y)
+def lpips(params: PyTree, x: jax.Array, y: jax.Array, dtype: Dtype | None = None,
+          extent: jax.Array | None = None) -> jax.Array:
+    """LPIPS distances ``(B,)`` between NHWC images ``x`` and ``y`` in [0, 1] (each of its own
+    ``extent`` in a padded batch, if given)."""
+    return LPIPS(net_of(params), dtype).apply({"params": params}, x, y, extent)
 
 
 def init_params(rng: jax.Array, net: str) -> PyTree:

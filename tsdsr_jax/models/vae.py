@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsdsr_jax.models import remat
+from tsdsr_jax.models.extent import region_mask, zero_outside
 from tsdsr_jax.models.lora import Conv, Dense
 
 Dtype = Any
@@ -135,21 +136,6 @@ def group_moments(x: jax.Array, num_groups: int, mask: jax.Array | None = None
     m2 = (grouped(channel_m2)
           + count[..., None] * jnp.square(grouped(channel_mean) - mean[..., None])).sum(-1)
     return mean, m2 / (count * (c // num_groups))
-
-
-def region_mask(extent: jax.Array, height: int, width: int) -> jax.Array:
-    """(B, height, width, 1) bools: true inside each image's ``extent`` (B, 2) at the top left."""
-    rows = jnp.arange(height)[None, :, None] < extent[:, 0, None, None]
-    cols = jnp.arange(width)[None, None, :] < extent[:, 1, None, None]
-    return (rows & cols)[..., None]
-
-
-def zero_outside(x: jax.Array, extent: jax.Array | None) -> jax.Array:
-    """``x`` (B, H, W, C) with zeros beyond each image's ``extent``: what a convolution's zero
-    padding shows at the true image's edge. Unchanged when ``extent`` is None."""
-    if extent is None:
-        return x
-    return jnp.where(region_mask(extent, *x.shape[1:3]), x, jnp.zeros((), x.dtype))
 
 
 class GroupNorm(nn.Module):
