@@ -81,8 +81,10 @@ class Geometry(NamedTuple):
 
 def _reflect(n: int, length: int) -> np.ndarray:
     """``jnp.pad(mode="reflect")``'s source index of each of ``length`` >= n positions."""
-    i = np.arange(length)
-    return np.where(i < n, i, 2 * (n - 1) - i) if n > 1 else np.zeros(length, np.int64)
+    if n == 1:
+        return np.zeros(length, np.int64)
+    i = np.arange(length) % (2 * (n - 1))
+    return np.where(i < n, i, 2 * (n - 1) - i)
 
 
 def _working_taps(lr: int, size: int, work: int, canvas: int) -> tuple[np.ndarray, np.ndarray]:
