@@ -68,10 +68,10 @@ def test_ladder_and_full_size_classes():
     assert ladder(528, 0) == 528
     classes = Classes(4, 512, 64, 8, MMDiTConfig.sd3_medium(), steps=2)
     phone = classes.of((384, 512))  # a 4:3 photo, x4 to 1536x2048: tiled, no padding
-    assert phone.canvas == (1536, 2048) and phone.tile == 64 and phone.back is None
+    assert phone.canvas == (1536, 2048) and phone.tile == 64
     assert classes.of((380, 500)) == phone  # a nearby size shares its program
     assert classes.of((128, 128)).tile is None  # one tile: untiled
     small = classes.of((100, 150))  # below 128: made at 512x768, resized back by PIL
-    assert small.back is not None and small.out == (512, 768)
+    assert small == classes.of((128, 192)) and small.out == (512, 768)  # its program too
     geometry = classes.geometry(phone, [(384, 512), (380, 500)])
     assert geometry.tile_weight.sum(1).tolist() == [20.0, 20.0]  # 4x5 latent tiles each

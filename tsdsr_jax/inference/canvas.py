@@ -4,8 +4,8 @@ An LR image's *working image* is the network's input for it: the LR upsampled to
 :func:`target_size`, padded to a multiple of 16. Its :class:`SizeClass` is the padded shape (the
 *canvas*) that its working image is placed in, at the top left: each side rounded up to a
 ladder of ``steps`` sizes per octave (``steps=2``: …, 512, 768, 1024, 1536, 2048, …), plus what
-the program must know statically (whether the transformer runs on latent tiles, and PIL's
-resize back to ×upscale for small inputs). All images of a class run through one compiled
+the program must know statically (whether the transformer runs on latent tiles, and the shape
+of PIL's resize back to ×upscale for small inputs). All images of a class run through one compiled
 program. Their :class:`Geometry`, built here on the host, tells it each image's own sizes, so
 that it computes for each what the program of that image's own size computes: resize tables
 per image, the networks' extents (:mod:`tsdsr_jax.models.vae`) and patch layout
@@ -27,6 +27,9 @@ from tsdsr_jax.inference.tiling import axis_offsets
 from tsdsr_jax.models.mmdit import MMDiTConfig, PatchLayout, patch_layout
 
 VAE_FACTOR = 8  # SD3's VAE: image pixels per latent pixel
+# PIL's taps of the resize back to ×upscale of an input whose short side is at least half of
+# process_size/upscale (64 of 128); smaller ones take 17, 33, ... (a class each).
+BACK_TAPS = 9
 
 
 def target_size(height: int, width: int, upscale: int, process_size: int) -> tuple[int, int]:
@@ -56,12 +59,14 @@ class SizeClass:
     lr: tuple[int, int]      # the LR inputs' padded shape
     out: tuple[int, int]     # the outputs' padded shape: upscale × lr
     tile: int | None         # the latent tile when the transformer runs tiled, else None
-    back: tuple[bool, int] | None  # the resize back to ×upscale: (rows first, taps), or None
+    back: tuple[bool, int]   # the resize back to ×upscale of small inputs: (rows first, taps)
 
     def __str__(self) -> str:
+        rows_first, taps = self.back
         return (f"{self.canvas[0]}x{self.canvas[1]}"
                 + (f", latent tiles of {self.tile}" if self.tile else ", untiled")
-                + (f", resized back ({self.back[1]} taps)" if self.back else ""))
+                + (", resized back rows first" if rows_first else "")
+                + (f", resized back with {taps} taps" if taps > BACK_TAPS else ""))
 
 
 class Geometry(NamedTuple):
@@ -76,7 +81,8 @@ class Geometry(NamedTuple):
     tiles: np.ndarray | None             # (B, n, 2) latent tile corners (tiled)
     tile_weight: np.ndarray | None       # (B, n) 1 for an image's tiles, 0 for the padding's
     source: tuple                        # PIL taps LR -> final: rows and cols (wavelet)
-    back: tuple | None                   # PIL taps working -> final: rows and cols
+    back: tuple                          # PIL taps working -> final: rows and cols
+    resized: np.ndarray                  # (B,) whether the image is resized back
 
 
 def _reflect(n: int, length: int) -> np.ndarray:
@@ -127,12 +133,12 @@ class Classes:
         h, w = (s // VAE_FACTOR for s in work)
         return None if h * w <= self.latent_tile ** 2 else min(self.latent_tile, h, w)
 
-    def _back(self, lr: tuple[int, int], size: tuple[int, int]) -> tuple[bool, int] | None:
+    def _back(self, lr: tuple[int, int], size: tuple[int, int]) -> tuple[bool, int]:
         final = (self.upscale * lr[0], self.upscale * lr[1])
         if size == final:
-            return None
+            return False, BACK_TAPS
         taps = max(pil_taps(s, f)[0].shape[1] for s, f in zip(size, final))
-        return vertical_first(size, final), taps
+        return vertical_first(size, final), max(BACK_TAPS, 2 ** (taps - 2).bit_length() + 1)
 
     def of(self, lr: tuple[int, int]) -> SizeClass:
         """The class of an LR image of ``lr`` = (height, width)."""
@@ -148,7 +154,7 @@ class Classes:
 
     def geometry(self, cls: SizeClass, sizes: list[tuple[int, int]]) -> Geometry:
         """The :class:`Geometry` of LR images of ``sizes``, all of class ``cls``."""
-        rows, cols, source, back, works, finals, corners = [], [], [], [], [], [], []
+        rows, cols, source, back, works, finals, corners, resized = ([] for _ in range(8))
         for lr in sizes:
             size, work = self._sizes(lr)
             final = (self.upscale * lr[0], self.upscale * lr[1])
@@ -157,9 +163,9 @@ class Classes:
             rows.append(_working_taps(lr[0], size[0], work[0], cls.canvas[0]))
             cols.append(_working_taps(lr[1], size[1], work[1], cls.canvas[1]))
             source.append([_pil_canvas(i, o, c, 5) for i, o, c in zip(lr, final, cls.out)])
-            if cls.back is not None:
-                back.append([_pil_canvas(s, f, c, cls.back[1])
-                             for s, f, c in zip(size, final, cls.out)])
+            back.append([_pil_canvas(s, f, c, cls.back[1])
+                         for s, f, c in zip(size, final, cls.out)])
+            resized.append(size != final)
             if cls.tile is not None:
                 h, w = (s // VAE_FACTOR for s in work)
                 corners.append([(y, x) for y in axis_offsets(h, cls.tile, self.latent_overlap)
@@ -178,7 +184,7 @@ class Classes:
                 tiles[b, :len(c)], tile_weight[b, :len(c)] = c, 1
         return Geometry(np.array(sizes, np.int32), np.array(works, np.int32),
                         np.array(finals, np.int32), stack(rows), stack(cols), layout, tiles,
-                        tile_weight, pairs(source), pairs(back) if back else None)
+                        tile_weight, pairs(source), pairs(back), np.array(resized))
 
     def tile_count(self, cls: SizeClass) -> int:
         """The latent tiles of the class's largest image (every batch of it has as many)."""

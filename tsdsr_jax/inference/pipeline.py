@@ -206,11 +206,10 @@ class Pipeline:
         _, z_h = student(nets, params, None, x, params["default"], noise, encoder=encoder,
                          tiles=tiles, layout=g.layout)
         sr = jnp.clip(decode(nets, vae, z_h, decoder), -1, 1) * 0.5 + 0.5
-        if cls.back is not None:  # the official path: back to ×upscale with PIL's resize
-            sr = resize_with_taps(to_uint8(sr), *g.back, rows_first=cls.back[0])
-            sr = sr.astype(jnp.float32) / 255
-        else:
-            sr = _fit(sr, cls.out)
+        # made larger than ×upscale: the official path back, PIL's resize of the uint8 image
+        back = resize_with_taps(to_uint8(sr), *g.back, rows_first=cls.back[0])
+        sr = jnp.where(g.resized[:, None, None, None], back.astype(jnp.float32) / 255,
+                       _fit(sr, cls.out))
         source = image
         if cfg.color_fix == "wavelet":  # the LR upscaled by PIL to the output's size
             source = resize_with_taps(lr, *g.source, rows_first=False).astype(jnp.float32) / 255
