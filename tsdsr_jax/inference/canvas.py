@@ -30,6 +30,7 @@ VAE_FACTOR = 8  # SD3's VAE: image pixels per latent pixel
 # PIL's taps of the resize back to ×upscale of an input whose short side is at least half of
 # process_size/upscale (64 of 128); smaller ones take 17, 33, ... (a class each).
 BACK_TAPS = 9
+SOURCE_TAPS = 5  # PIL's bicubic taps when enlarging (the wavelet fix's source)
 
 
 def target_size(height: int, width: int, upscale: int, process_size: int) -> tuple[int, int]:
@@ -162,7 +163,8 @@ class Classes:
             finals.append(final)
             rows.append(_working_taps(lr[0], size[0], work[0], cls.canvas[0]))
             cols.append(_working_taps(lr[1], size[1], work[1], cls.canvas[1]))
-            source.append([_pil_canvas(i, o, c, 5) for i, o, c in zip(lr, final, cls.out)])
+            source.append([_pil_canvas(i, o, c, SOURCE_TAPS)
+                           for i, o, c in zip(lr, final, cls.out)])
             back.append([_pil_canvas(s, f, c, cls.back[1])
                          for s, f, c in zip(size, final, cls.out)])
             resized.append(size != final)
@@ -177,7 +179,7 @@ class Classes:
             layout = patch_layout(self.transformer, tuple(c // VAE_FACTOR for c in cls.canvas),
                                   [(h // VAE_FACTOR, w // VAE_FACTOR) for h, w in works])
         else:
-            n = max(self.tile_count(cls), max(len(c) for c in corners))
+            n = self.tile_count(cls)
             tiles = np.zeros((len(sizes), n, 2), np.int32)
             tile_weight = np.zeros((len(sizes), n), np.float32)
             for b, c in enumerate(corners):
