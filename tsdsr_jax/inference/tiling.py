@@ -116,29 +116,23 @@ def tiled_apply_at(fn: Callable[[jax.Array], jax.Array], z: jax.Array, corners: 
     ``(y, x)``, and ``present`` (B, n) is 1 for a tile of the image and 0 for a slot that only
     pads its count to n (computed, weighed 0). Pixels that no tile covers come out 0."""
     b, h, w, c = z.shape
-    cut = jax.vmap(jax.vmap(lambda image, yx: jax.lax.dynamic_slice(
-        image, (yx[0], yx[1], 0), (tile, tile, c)), (None, 0)))
-    tiles = cut(z, corners).swapaxes(0, 1)  # (n, B, t, t, C), tile-major
+    # every tile's pixels at once: indices (B, n, t, t) of image, row and column
+    offsets = jnp.arange(tile)
+    rows = corners[:, :, 0, None, None] + offsets[:, None]
+    cols = corners[:, :, 1, None, None] + offsets[None, :]
+    images = jnp.arange(b)[:, None, None, None]
+    tiles = z[images, rows, cols].swapaxes(0, 1)  # (n, B, t, t, C), tile-major
 
     def body(chunk: jax.Array) -> jax.Array:
         out = fn(chunk.reshape(-1, *chunk.shape[2:]))
         return out.reshape(chunk.shape[0], b, *out.shape[1:])
 
-    preds = _map_chunks(body, tiles, max_tiles)
-    weights = jnp.asarray(gaussian_weights(tile, tile), jnp.float32)
-
-    def add(canvas: jax.Array, part: jax.Array, yx: jax.Array) -> jax.Array:
-        start = (yx[0], yx[1]) + (0,) * (canvas.ndim - 2)
-        window = jax.lax.dynamic_slice(canvas, start, part.shape)
-        return jax.lax.dynamic_update_slice(canvas, window + part, start)
-
-    add = jax.vmap(add)
-    out = jnp.zeros((b, h, w, preds.shape[-1]), jnp.float32)
-    total = jnp.zeros((b, h, w), jnp.float32)
-    for i in range(corners.shape[1]):
-        weight = weights * present[:, i, None, None]
-        out = add(out, preds[i].astype(jnp.float32) * weight[..., None], corners[:, i])
-        total = add(total, weight, corners[:, i])
+    preds = _map_chunks(body, tiles, max_tiles).swapaxes(0, 1)  # (B, n, t, t, C')
+    weight = jnp.asarray(gaussian_weights(tile, tile), jnp.float32) * present[:, :, None, None]
+    # one scatter-add of all tiles (a pixel's sum may round differently from a loop's)
+    out = jnp.zeros((b, h, w, preds.shape[-1]), jnp.float32).at[images, rows, cols].add(
+        preds.astype(jnp.float32) * weight[..., None])
+    total = jnp.zeros((b, h, w), jnp.float32).at[images, rows, cols].add(weight)
     return (out / jnp.where(total > 0, total, 1)[..., None]).astype(preds.dtype)
 
 
