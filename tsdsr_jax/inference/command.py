@@ -79,11 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def shard_of(text: str | None) -> tuple[int, int]:
     """``--shard K/N`` as (K, N); by default SLURM's task of the job step, else (0, 1)."""
     if text is None:
-        return (int(os.environ.get("SLURM_PROCID", "0")),
-                int(os.environ.get("SLURM_NTASKS", "1")))
-    k, _, n = text.partition("/")
+        k, n = os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1")
+        where = f"SLURM_PROCID={k} SLURM_NTASKS={n}"
+    else:
+        (k, _, n), where = text.partition("/"), f"--shard {text}"
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
-        raise ValueError(f"--shard {text}: must be K/N with 0 <= K < N")
+        raise ValueError(f"{where}: must be K/N with 0 <= K < N")
     return int(k), int(n)
 
 

@@ -240,17 +240,17 @@ class Pipeline:
         return (self.params, lr, np.asarray(ids, np.uint32), rng,
                 self.classes.geometry(cls, sizes), cls)
 
-    def dispatch(self, images: Sequence[np.ndarray], ids: Sequence[int], rng: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-        """Starts a batch of uint8 LR images (h, w, 3) of one size class on the device and
-        returns their SR canvases (B, H, W, 3) uint8 and whether each is finite (B,), without
+    def dispatch(self, images: Sequence[np.ndarray], ids: Sequence[int], rng: jax.Array,
+                 cls: SizeClass | None = None) -> tuple[jax.Array, jax.Array]:
+        """Starts a batch of uint8 LR images (h, w, 3) of one size class (``cls``, if known) on
+        the device and returns their SR canvases (B, H, W, 3) uint8 and whether each is finite (B,), without
         waiting (image b's SR is its top-left ``upscale·h x upscale·w``); with a mesh, B must
         be a multiple of its size."""
         if self.mesh is not None and len(images) % self.mesh.size:
             raise ValueError(f"a batch of {len(images)} does not split over "
                              f"{self.mesh.size} devices")
         with sharding.activate(self.mesh) if self.mesh else contextlib.nullcontext():
-            return self.network(*self.inputs(images, ids, rng))
+            return self.network(*self.inputs(images, ids, rng, cls))
 
     def batches(self, images: Iterable[tuple[K, np.ndarray]], batch_size: int = 1,
                 seed: int = 42, window: int | None = None,
@@ -279,7 +279,7 @@ class Pipeline:
             ids = [noise_id(key) for key, _ in chunk]
             ids += ids[-1:] * (batch_size - len(ids))
             try:
-                return chunk, self.dispatch(lr, ids, rng)
+                return chunk, self.dispatch(lr, ids, rng, cls)
             except jax.errors.JaxRuntimeError as e:
                 return chunk, e
 
