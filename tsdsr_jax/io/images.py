@@ -88,7 +88,7 @@ def load_photo(path: Path) -> Photo:
         scale = 65535.0 if gray.max() > 255 or im.mode.startswith("I;16") else 255.0
         gray = np.clip(np.rint(gray / scale * 255.0), 0, 255).astype(np.uint8)
         return Photo(np.repeat(gray[..., None], 3, axis=-1), None)
-    if im.mode not in ("RGB", "RGBA", "RGBX"):  # a gray or CMYK profile does not fit RGB
+    if im.mode not in ("RGB", "RGBA", "RGBX", "P"):  # a gray or CMYK profile does not fit RGB
         icc = None
     return Photo(np.asarray(im.convert("RGB")), icc)
 
@@ -98,7 +98,7 @@ def load_image(path: Path) -> np.ndarray:
     return load_photo(path).pixels
 
 
-def partial_name(path: Path) -> Path:
+def _partial_name(path: Path) -> Path:
     """Where :func:`save_image` writes ``path`` before renaming it (hidden, per process)."""
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
@@ -108,7 +108,7 @@ def save_image(image: np.ndarray, path: Path, quality: int = 95, compress_level:
     """Writes a uint8 image in the format of ``path``'s suffix (:data:`FORMATS`), marked as
     ours; the file appears only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_name(path)
+    tmp = _partial_name(path)
     exif = Image.Exif()
     exif[_SOFTWARE] = MARK
     fmt = FORMATS[path.suffix.lstrip(".").lower()]
