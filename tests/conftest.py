@@ -37,6 +37,18 @@ TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 PROMPT_LEN = 7
 
 
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory) -> Path:
+    """A persistent compilation cache for the tests' subprocesses, shared by the xdist workers
+    of this run: a program that one test compiled, the next one loads."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "jax-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def jitter(module: torch.nn.Module, std: float = 0.05) -> None:
     """Adds noise to every parameter, so that zero-initialised layers are exercised too."""
     with torch.no_grad():

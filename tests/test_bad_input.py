@@ -20,6 +20,8 @@ from tsdsr_jax.training.command import main as train_main
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
+# Each good mix of inference flags compiles a program of its own (about a minute here).
+INFER_SETTINGS = settings(SETTINGS, max_examples=5)
 
 
 def flag(name: str, good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
@@ -91,7 +93,7 @@ def check_outcome(code: int, err: str, out: Path) -> None:
                 im.verify()
 
 
-@SETTINGS
+@INFER_SETTINGS
 @given(flags=INFER_FLAGS)
 @example(flags=["--latent-overlap", "64"])
 @example(flags=["--vae-decoder-tile", "3"])

@@ -71,8 +71,8 @@ def assert_same_state(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax-cache")
+def cache(jax_cache) -> Path:
+    return jax_cache
 
 
 @pytest.fixture(scope="module")
