@@ -22,7 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.remat_policy = "full"           # none | full | dots: rematerialise MMDiT and VAE blocks
     c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
     c.data = ml_collections.ConfigDict(dict(
-        roots=("data/train",), resolution=512, degrade=False, num_workers=4, skip_invalid=False,
+        roots=("data/train",), resolution=512, degrade=False, num_workers=4,
+        # an unreadable sample is skipped, named in WORKDIR/skipped_samples.txt and counted
+        # (data/skipped); the run checkpoints and stops once more than max_skipped of the
+        # samples were (skip_invalid=False: at the first)
+        skip_invalid=True, max_skipped=0.01,
         shards=0))                    # data streams (0: one per process)
     # the mesh: data x fsdp devices (-1: fill); the frozen base is split over fsdp
     c.sharding = section(ShardingConfig)

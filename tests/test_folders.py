@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from tsdsr_jax.inference import command
-from tsdsr_jax.io.images import MARK, is_output, save_image
+from tsdsr_jax.io.images import MARK, _partial_name, is_output, save_image
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny", "--precision", "fp32", "--attention", "xla", "--process-size", "128"]
@@ -36,21 +36,21 @@ def folder_of(*argv: str) -> command.Folder:
     return command.Folder(command.parse_args(["--model", "tiny", *argv]))
 
 
-def infer(tmp_path: Path, *argv: str) -> subprocess.Popen:
+def infer(cache: Path, *argv: str) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "tsdsr_jax.inference.command", *TINY,
-                             "--cache-dir", str(tmp_path / "cache"), *argv],
+                             "--cache-dir", str(cache), *argv],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_killed_then_resumed_equals_a_clean_run(tmp_path):
+def test_killed_then_resumed_equals_a_clean_run(tmp_path, jax_cache):
     """SIGKILL once the first outputs are written, rerun with --skip-existing: every output
     complete, no partial files, and each equal to a clean run's."""
     make_folder(tmp_path / "in", 8)
-    clean = infer(tmp_path, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "clean"),
+    clean = infer(jax_cache, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "clean"),
                   "--batch-size", "2")
     assert clean.wait(600) == 0, clean.stderr.read().decode()
-    run = infer(tmp_path, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+    run = infer(jax_cache, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
                 "--batch-size", "2", "--png-compression", "0")
     deadline = time.time() + 600
     while not list((tmp_path / "out").glob("*.png")) and time.time() < deadline:
@@ -59,7 +59,7 @@ def test_killed_then_resumed_equals_a_clean_run(tmp_path):
     run.wait(60)
     first = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert 0 < len(first) < 8
-    again = infer(tmp_path, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+    again = infer(jax_cache, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
                   "--batch-size", "2", "--skip-existing")
     assert again.wait(600) == 0, again.stderr.read().decode()
     assert "8 image(s)" in again.stdout.read().decode()
@@ -99,13 +99,14 @@ def test_files_that_are_not_ours_are_never_overwritten(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "out" / "photo00.png")  # someone else's
     save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "out" / "photo01.png")  # ours
-    (tmp_path / "out" / ".photo02.png.partial-123").write_bytes(b"left by a killed run")
+    left = _partial_name(tmp_path / "out" / "photo02.png").with_suffix(".123.partial")
+    left.write_bytes(b"left by a killed run")  # as from another process, killed
     folder = folder_of("-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
                        "--skip-existing")
     assert sorted(folder.inputs) == ["photo02.png"] and folder.failed == 1 and folder.done == 1
     assert "photo00.png exists and is not an output of ours" in capsys.readouterr().err
     assert not is_output(tmp_path / "out" / "photo00.png")
-    assert not list((tmp_path / "out").glob(".*partial*"))
+    assert not left.exists()
 
 
 @pytest.mark.parametrize("fmt", ["jpg", "webp"])

@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 
 from tsdsr_jax.data.degrade import DegradeConfig
-from tsdsr_jax.data.layout import scan
+from tsdsr_jax.data.layout import Record, scan
 from tsdsr_jax.data.source import SampleLoader, SampleSpec
 
 
@@ -40,15 +40,23 @@ class DataConfig:
     spec: SampleSpec = dataclasses.field(default_factory=SampleSpec)
     latents: bool | None = None            # require latent_hr/ (None: if the roots have it)
     skip_invalid: bool = False             # drop (and log) broken samples instead of raising
+    skipped_report: str | None = None      # with skip_invalid: a file that names each one
     num_workers: int = 0                   # grain worker processes (0: in this process)
     num_threads: int = 2                   # reading threads per process
     shard_index: int | None = None
     shard_count: int | None = None
 
 
-def train_batches(config: DataConfig) -> grain.IterDataset:
+def records_of(config: DataConfig) -> list[Record]:
+    """The samples of ``config.roots`` that the stage reads (:func:`scan`)."""
+    return scan(list(config.roots), read_lr=config.lr and config.degradation is None,
+                latents=config.latents, skip_invalid=config.skip_invalid)[0]
+
+
+def train_batches(config: DataConfig, records: list[Record] | None = None) -> grain.IterDataset:
     """The batches of this process's shard, as a grain ``IterDataset`` (iterate it for a
-    ``DatasetIterator`` with ``get_state``/``set_state``).
+    ``DatasetIterator`` with ``get_state``/``set_state``); ``records`` as :func:`records_of`
+    gives them (read when None).
 
     Shard k of n is the strided slice ``records[k::n]``, every shard the same size (the remainder
     is dropped) so that all processes run the same number of steps per epoch. Each shard is
@@ -59,13 +67,13 @@ def train_batches(config: DataConfig) -> grain.IterDataset:
     count = jax.process_count() if config.shard_count is None else config.shard_count
     if not 0 <= index < count:
         raise ValueError(f"shard {index} of {count}")
-    records, _ = scan(list(config.roots), read_lr=config.lr and config.degradation is None,
-                      latents=config.latents, skip_invalid=config.skip_invalid)
+    records = records_of(config) if records is None else records
     usable = len(records) // count * count
     if usable == 0:
         raise ValueError(f"{len(records)} records cannot be split into {count} shards")
     degradation = config.degradation if config.lr else None
-    loader = SampleLoader(config.spec, degradation, (config.seed, index), config.skip_invalid)
+    loader = SampleLoader(config.spec, degradation, (config.seed, index), config.skip_invalid,
+                          config.skipped_report)
     ds = (grain.MapDataset.source(records[:usable])[index::count]
           .shuffle(seed=config.seed)
           .repeat(config.num_epochs)
@@ -99,9 +107,10 @@ class ProcessBatches:
             raise ValueError(f"{shards} data shards cannot be split over {count} processes "
                              f"and a batch of {config.batch_size}")
         per = shards // count
+        self.records = records_of(config)
         self.iterators = [iter(train_batches(dataclasses.replace(
-            config, batch_size=config.batch_size // shards, shard_index=k, shard_count=shards)))
-            for k in range(index * per, (index + 1) * per)]
+            config, batch_size=config.batch_size // shards, shard_index=k, shard_count=shards),
+            self.records)) for k in range(index * per, (index + 1) * per)]
 
     def __iter__(self) -> ProcessBatches:
         return self

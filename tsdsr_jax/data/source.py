@@ -114,12 +114,14 @@ def load_sample(record: Record, index: int, spec: SampleSpec,
 @dataclasses.dataclass(frozen=True)
 class SampleLoader:
     """``(index, record) -> sample``, picklable for grain's worker processes. With
-    ``skip_invalid`` a broken sample is logged by name and dropped (None), else it raises."""
+    ``skip_invalid`` a broken sample is logged by name and dropped (None), and appended to the
+    file ``report`` (name, tab, reason: one line each, from any process); else it raises."""
 
     spec: SampleSpec
     degradation: degrade_lib.DegradeConfig | None
     seed: tuple[int, ...]  # with the stream position, seeds the degradation
     skip_invalid: bool
+    report: str | None = None
 
     def __call__(self, index: int, record: Record) -> dict[str, Any] | None:
         try:
@@ -128,4 +130,8 @@ class SampleLoader:
             if not self.skip_invalid:
                 raise
             log.warning("skipping sample %s: %s", record.name, e)
+            if self.report:
+                reason = " ".join(str(e).split())
+                with open(self.report, "a") as f:  # one short append: whole lines
+                    f.write(f"{record.name}\t{reason}\n")
             return None

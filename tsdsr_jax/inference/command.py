@@ -4,14 +4,19 @@
     tsdsr-infer --model tiny -i tests/data -o outputs     # no weights: a tiny random model
 
 MODEL_DIR comes from `tsdsr-convert`. Outputs are named after the inputs (subfolders mirrored
-with --recursive). Unreadable inputs, results that fail, and files in the way that are not our
-outputs are reported and skipped; the exit code is then non-zero. A run stopped by SIGTERM (or
-killed) finishes with the same command and --skip-existing.
+with --recursive). Unreadable inputs, inputs above --max-pixels, results that fail, and files in
+the way that are not our outputs are reported and skipped.
+
+Exit codes: 0 all done; 1 some inputs failed (each named); 2 a bad flag or model (before
+anything compiles); 74 the output disk is full (or failing): the run stops; 130 (Ctrl-C) and
+143 (SIGTERM) stopped after the batch in flight. Each but 0 ends with a summary of how many
+were written and how many remain; the same command with --skip-existing does the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -37,12 +42,16 @@ from tsdsr_jax.io.images import (
     list_images,
     load_photo,
     output_names,
+    partials,
     save_image,
 )
 from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
 
-STOPPED = 75  # EX_TEMPFAIL, as tsdsr-train: run again (with --skip-existing) to finish
+DISK_FULL = 74  # EX_IOERR
+# Write errors that no later output escapes: the run stops at the first.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+MAX_PIXELS = 4096 * 4096
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quality", type=int, default=95, help="jpg and webp quality (1-100)")
     p.add_argument("--png-compression", type=int, default=6,
                    help="PNG compression level (0-9): lower writes faster, larger files")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="inputs of more pixels are refused, by name, before they are decoded "
+                        f"(default {MAX_PIXELS:,}: 4096x4096)")
     p.add_argument("--skip-existing", action="store_true",
                    help="leave outputs that a run of ours already wrote; do the rest")
     p.add_argument("--shard", type=str, default=None,
@@ -99,6 +111,8 @@ def check(args: argparse.Namespace) -> None:
             break
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers}: must be at least 1")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels {args.max_pixels}: must be at least 1")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality {args.quality}: must be 1 to 100")
     if not 0 <= args.png_compression <= 9:
@@ -124,10 +138,13 @@ class Folder:
         paths = list_images(args.input, exclude=args.output, recursive=args.recursive)
         k, n = shard_of(args.shard)
         self.root = args.input if args.input.is_dir() else args.input.parent
+        self.max_pixels = args.max_pixels
         names = output_names(paths, self.root if args.recursive else None, "." + args.format)
         self.inputs: dict[str, Path] = {}
         self.outputs: dict[str, Path] = {}
-        self.done = self.failed = 0
+        self.done = self.failed = 0      # outputs there (written or kept); inputs skipped
+        self.finished: set[str] = set()  # inputs of this run written or failed
+        self.fatal: str | None = None    # why the run must stop (the disk)
         self._lock = threading.Lock()  # the writer threads count too
         for path in paths[k::n]:
             key, out = path.relative_to(self.root).as_posix(), args.output / names[path]
@@ -139,26 +156,34 @@ class Folder:
                 self.done += 1
             else:
                 self.inputs[key], self.outputs[key] = path, out
-        self._remove_partials()
+        for partial in partials(self.outputs.values()):  # what a killed run left
+            partial.unlink(missing_ok=True)
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, key: str | None = None) -> None:
         tqdm.write(f"error: {message}; skipped", file=sys.stderr)
         with self._lock:
             self.failed += 1
+            if key is not None:
+                self.finished.add(key)
 
-    def wrote(self) -> None:
+    def wrote(self, key: str) -> None:
         with self._lock:
             self.done += 1
+            self.finished.add(key)
 
-    def _remove_partials(self) -> None:
-        """Deletes what a killed run left of the outputs to do (hidden ``.NAME.partial-PID``)."""
-        ours = set(self.outputs.values())
-        for folder in {out.parent for out in ours}:
-            if folder.is_dir():
-                for p in folder.iterdir():
-                    name, _, pid = p.name.rpartition(".partial-")
-                    if p.name.startswith(".") and pid.isdigit() and folder / name[1:] in ours:
-                        p.unlink(missing_ok=True)
+    def stop(self, message: str) -> None:
+        """Ends the run at the next batch, for ``message`` (said once)."""
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = message
+                tqdm.write(f"error: {message}", file=sys.stderr)
+
+    def summary(self, output: Path) -> str:
+        text = f"{self.done} image(s) in {output}"
+        if self.failed:
+            text += f"; {self.failed} failed"
+        remain = len(self.inputs) - len(self.finished)
+        return text + (f"; {remain} not done" if remain else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,23 +201,37 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(args.cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         pipe = Pipeline(load_model(args.model), config, mesh)
-    except (ImageError, ValueError) as e:
+    except (ImageError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stop = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    stop: list[int] = []  # the signals received
+
+    def handle(signum: int, frame) -> None:
+        del frame
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: at once
+        stop.append(signum)
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after the batch in flight (a "
+                   "second Ctrl-C stops at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run(args, folder, pipe, stop)
+    except KeyboardInterrupt:
+        stop.append(signal.SIGINT)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    summary = f"{folder.done} image(s) in {args.output}"
-    if folder.failed:
-        summary += f"; {folder.failed} failed"
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    again = " with --skip-existing" if not args.skip_existing else ""
+    if folder.fatal:
+        print(f"stopped: {folder.summary(args.output)}; free some space, then run the same "
+              f"command{again}", file=sys.stderr)
+        return DISK_FULL
     if stop:
-        print(f"stopped by SIGTERM: {summary}; rerun with --skip-existing to finish",
-              file=sys.stderr)
-        return STOPPED
-    print(summary)
+        print(f"stopped by {signal.Signals(stop[0]).name}: {folder.summary(args.output)}; "
+              f"run the same command{again} to finish", file=sys.stderr)
+        return 128 + stop[0]
+    print(folder.summary(args.output))
     return 1 if folder.failed else 0
 
 
@@ -213,7 +252,7 @@ def run(args: argparse.Namespace, folder: Folder, pipe: Pipeline, stop: list) ->
             for result in batch:
                 icc = profiles.pop(result.key)
                 if result.problem:
-                    folder.fail(f"{folder.inputs[result.key]}: {result.problem}")
+                    folder.fail(f"{folder.inputs[result.key]}: {result.problem}", result.key)
                     continue
                 writing.append(pool.submit(_write, args, folder, result.key, result.lr,
                                            result.sr, icc))
@@ -223,6 +262,8 @@ def run(args: argparse.Namespace, folder: Folder, pipe: Pipeline, stop: list) ->
             bar.set_postfix_str(f"{(toc - tic) * 1000 / len(batch):.0f} ms/img")
             bar.update(len(batch))
             tic = toc
+            if stop or folder.fatal:
+                break
         for future in writing:
             future.result()
 
@@ -236,7 +277,7 @@ def _decoded(pool: ThreadPoolExecutor, folder: Folder, profiles: dict[str, bytes
     items = iter(folder.inputs.items())
     while not stop:
         for key, path in items:
-            pending.append((key, pool.submit(load_photo, path)))
+            pending.append((key, pool.submit(load_photo, path, folder.max_pixels)))
             if len(pending) >= ahead:
                 break
         if not pending:
@@ -245,7 +286,7 @@ def _decoded(pool: ThreadPoolExecutor, folder: Folder, profiles: dict[str, bytes
         try:
             photo = future.result()
         except ImageError as e:
-            folder.fail(str(e))
+            folder.fail(str(e), key)
             continue
         profiles[key] = photo.icc_profile
         yield key, photo.pixels
@@ -253,8 +294,11 @@ def _decoded(pool: ThreadPoolExecutor, folder: Folder, profiles: dict[str, bytes
 
 def _write(args: argparse.Namespace, folder: Folder, key: str, lr: np.ndarray, sr: np.ndarray,
            icc: bytes | None) -> None:
-    """Writes one output (and its comparison), carrying the input's ICC profile."""
+    """Writes one output (and its comparison), carrying the input's ICC profile; a full or
+    failing disk stops the run."""
     out = folder.outputs[key]
+    if folder.fatal:
+        return
     options = dict(quality=args.quality, compress_level=args.png_compression, icc_profile=icc)
     try:
         save_image(sr, out, **options)
@@ -263,9 +307,12 @@ def _write(args: argparse.Namespace, folder: Folder, key: str, lr: np.ndarray, s
             save_image(np.concatenate([up, sr], axis=1),
                        args.output / "compare" / out.relative_to(args.output), **options)
     except OSError as e:
-        folder.fail(f"{folder.inputs[key]}: cannot write {out} ({e})")
+        if e.errno in DISK_ERRORS:
+            folder.stop(f"cannot write {out}: {e.strerror}")
+        else:
+            folder.fail(f"{folder.inputs[key]}: cannot write {out} ({e.strerror or e})", key)
         return
-    folder.wrote()
+    folder.wrote(key)
 
 
 if __name__ == "__main__":

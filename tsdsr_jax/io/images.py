@@ -7,8 +7,12 @@ space, so a Display-P3 photo stays Display-P3) and, in their EXIF ``Software`` t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +25,9 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}  # output suffix -> PIL's format
 MARK = "tsdsr-jax"
 _SOFTWARE = 0x0131  # the EXIF tag
+# PIL's warning about large images, off: load_photo's max_pixels refuses them by name instead
+# (a filter, not catch_warnings, which is not safe in the threads that decode)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
@@ -72,15 +79,21 @@ class Photo(NamedTuple):
     icc_profile: bytes | None   # the embedded ICC profile, if any
 
 
-def load_photo(path: Path) -> Photo:
+def load_photo(path: Path, max_pixels: int | None = None) -> Photo:
     """An image file as (H, W, 3) uint8 RGB and its ICC profile: EXIF orientation applied;
     grayscale, palette, alpha (dropped, as the official ``convert('RGB')``) and 16-bit modes
-    handled."""
+    handled. One of more than ``max_pixels`` pixels is refused before it is decoded."""
     try:
         with Image.open(path) as im:
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageError(f"{path}: {im.width}x{im.height} is "
+                                 f"{_mp(im.width * im.height)}, more than --max-pixels "
+                                 f"{_mp(max_pixels)}")
             im = ImageOps.exif_transpose(im)
             im.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"{path}: cannot read image ({e})") from None
     icc = im.info.get("icc_profile") or None
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -93,14 +106,38 @@ def load_photo(path: Path) -> Photo:
     return Photo(np.asarray(im.convert("RGB")), icc)
 
 
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} MP"
+
+
 def load_image(path: Path) -> np.ndarray:
     """:func:`load_photo`'s pixels."""
     return load_photo(path).pixels
 
 
+def _partial_prefix(path: Path) -> str:
+    """The start of the names under which :func:`save_image` writes ``path`` before renaming
+    it: hidden and of a fixed length, so that any name that fits the file system fits."""
+    return f".{hashlib.sha1(path.name.encode()).hexdigest()[:16]}."
+
+
 def _partial_name(path: Path) -> Path:
-    """Where :func:`save_image` writes ``path`` before renaming it (hidden, per process)."""
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    return path.with_name(f"{_partial_prefix(path)}{os.getpid()}.partial")
+
+
+def partials(outputs: Iterable[Path]) -> list[Path]:
+    """What :func:`save_image`, in any process, left unfinished of ``outputs`` (a killed run's
+    hidden ``.HASH.PID.partial`` files)."""
+    prefixes: dict[Path, set[str]] = {}
+    for path in outputs:
+        prefixes.setdefault(path.parent, set()).add(_partial_prefix(path))
+    found = []
+    for folder, ours in prefixes.items():
+        width = len(next(iter(ours)))
+        with contextlib.suppress(OSError):
+            found += [p for p in folder.iterdir()
+                      if p.name.endswith(".partial") and p.name[:width] in ours]
+    return found
 
 
 def save_image(image: np.ndarray, path: Path, quality: int = 95, compress_level: int = 6,

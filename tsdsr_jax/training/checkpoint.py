@@ -6,12 +6,21 @@ finalized step that cannot be read (a truncated or deleted file, as a failing di
 quota leaves it) is named and skipped for the newest older one that can. Each step also gets
 the list of its files with their sizes and CRC-32s (:data:`FILE_LIST`), so that a damaged
 file is found, and named, before orbax reads anything.
+
+A save that fails (a full disk or quota, an I/O error) removes its temporary folder and raises
+one :class:`CheckpointWriteError` naming the step, the cause and the checkpoint's size; the
+steps already saved stay. A temporary folder that a killed run left is removed on opening.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import re
+import shutil
 import sys
 import zlib
 from collections.abc import Callable
@@ -24,10 +33,67 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 FILE_LIST = "tsdsr_files.json"  # in each step's folder: {relative path: [bytes, CRC-32]}
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's folder of a step being written
+# Write errors after which a later save may succeed (space can be freed); others are final.
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a folder can be read."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; ``errno`` is the OS error, when one was found."""
+
+    def __init__(self, message: str, errno_: int | None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def _os_error(error: BaseException) -> int | None:
+    """The OS error number behind an exception (its own, a cause's, or the one tensorstore
+    writes into its message as ``os_error_code='28'``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        if match := re.search(r"os_error_code='?(\d+)", str(error)):
+            return int(match.group(1))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MB"
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops orbax's own error logs (a traceback from each of its threads): a failed save
+    reaches the user once, as a :class:`CheckpointWriteError`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _unraisable(previous: Callable) -> Callable:
+    """``sys.unraisablehook`` without the "Event loop is closed" errors of tensorstore's
+    callbacks into the event loop of a save that failed (one traceback per array)."""
+    def hook(info) -> None:
+        if not (isinstance(info.exc_value, RuntimeError)
+                and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+    hook.hushes_orbax = True
+    return hook
+
+
+def _hush_failed_saves() -> None:
+    """Leaves a failed save's report to :class:`CheckpointWriteError` (once per process)."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrors) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxErrors())
+    if not getattr(sys.unraisablehook, "hushes_orbax", False):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
 
 
 def _crc32(path: Path) -> int:
@@ -82,17 +148,59 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+        if create:
+            self._remove_partials()  # what a killed run left
+
+    def _remove_partials(self, before: int | None = None) -> None:
+        """Deletes the temporary folders of saves that did not complete (of steps before
+        ``before`` only, when given; process 0)."""
+        if jax.process_index() == 0:
+            for tmp in Path(self.manager.directory).glob(f"*{TMP_SUFFIX}*"):
+                step = tmp.name.partition(".")[0]
+                if before is None or (step.isdigit() and int(step) < before):
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: PyTree, data_state: dict | None = None) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state or {})))
-        self.manager.wait_until_finished()
+        """Writes ``step`` and waits until it is complete, or raises
+        :class:`CheckpointWriteError` with nothing of it left on disk."""
+        _hush_failed_saves()
+        self._remove_partials(before=step)  # late writes of an earlier failed save
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state or {})))
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_file_list(self._folder(step))
+        except Exception as e:  # orbax raises whatever its writer met
+            raise self._write_error(step, state, e) from None
+
+    def _write_error(self, step: int, state: PyTree, error: Exception) -> CheckpointWriteError:
+        """The one-line error of a failed save of ``step``, once its partial files are gone."""
+        directory = Path(self.manager.directory)
+        with contextlib.suppress(Exception):
+            self.manager.wait_until_finished()  # orbax's other writers of the step, if any
+        self._remove_partials()
         if jax.process_index() == 0:
-            write_file_list(self._folder(step))
+            shutil.rmtree(self._folder(step), ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self.manager.reload()  # forget the failed step
+        code = _os_error(error)
+        cause = (f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code
+                 else " ".join(str(error).split())[:300] or type(error).__name__)
+        size = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(state))
+        space = ""
+        with contextlib.suppress(OSError):
+            space = f", {_megabytes(shutil.disk_usage(directory).free)} free"
+        newest = [s for s in self.manager.all_steps() if s != step]
+        kept = (f"the newest checkpoint is step {max(newest)}" if newest
+                else "no checkpoint is saved yet")
+        return CheckpointWriteError(
+            f"checkpoint of step {step} not written to {directory}: {cause}; a checkpoint "
+            f"takes up to {_megabytes(size)}{space}; {kept}", code)
 
     def _folder(self, step: int) -> Path:
         return Path(self.manager.directory) / str(step)
@@ -154,7 +262,9 @@ class Checkpoints:
                               + "; ".join(failures) + ")")
 
     def close(self) -> None:
-        self.manager.close()
+        with contextlib.suppress(Exception):  # a failed save was reported when it failed
+            self.manager.close()
+        self._remove_partials()
 
 
 def read_state(directory: str | os.PathLike, step: int | None = None) -> dict:

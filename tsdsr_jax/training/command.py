@@ -3,9 +3,18 @@
 Two stages share it: ``tsd`` (the one-step student, configs/tsd.py) and ``teacher`` (the
 teacher LoRA on SD3's flow-matching loss, configs/teacher.py); see the README.
 
-Exit codes: 0 done; 2 a bad flag, config value, model, dataset or checkpoint (one line, before
-anything compiles); 75 preempted (SIGTERM or Ctrl-C: the step it was on is checkpointed, and the
-same command resumes it).
+Exit codes (each but 0 with one line on stderr):
+
+- 0 done;
+- 2 a bad flag, config value, work directory, model, dataset or checkpoint (before anything
+  compiles), or a work directory that another run holds;
+- 65 the data stopped it (a sample that cannot be read, with ``data.skip_invalid=False``, or more
+  than ``data.max_skipped`` of them): the step it reached is checkpointed;
+- 74 a checkpoint that the run needed could not be written (the disk);
+- 75 preempted (SIGTERM or Ctrl-C): the step it was on is checkpointed;
+- 130 a second Ctrl-C: stopped at once, without a checkpoint.
+
+After 65, 74, 75 and 130 the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -22,9 +31,12 @@ from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.training import run_config
 from tsdsr_jax.training.checkpoint import CheckpointError
-from tsdsr_jax.training.loop import train
+from tsdsr_jax.training.loop import Stopped, train
 from tsdsr_jax.training.preemption import EXIT_CODE as PREEMPTED
 from tsdsr_jax.training.run_config import ConfigError
+from tsdsr_jax.training.workdir import WorkdirError
+
+INTERRUPTED = 130  # 128 + SIGINT, as a shell gives
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
@@ -73,9 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     initialize_distributed(args)
     try:
         preempted = train(config)
-    except (ConfigError, model_dir.ModelDirError, DataError, CheckpointError) as e:
+    except (ConfigError, WorkdirError, model_dir.ModelDirError, DataError,
+            CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once, without a checkpoint; the same command resumes "
+              "from the newest one", file=sys.stderr)
+        return INTERRUPTED
     if preempted is not None:
         print(f"stopped at step {preempted}, checkpointed: run the same command to resume",
               file=sys.stderr)

@@ -4,17 +4,22 @@ stopped cleanly on preemption. :mod:`tsdsr_jax.training.stages` builds what it r
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from tsdsr_jax import sharding
+from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import save_image, to_uint8
 from tsdsr_jax.io.tree import flatten, nest, shape_problems
@@ -23,7 +28,13 @@ from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.models.targets import STUDENT_TARGETS
 from tsdsr_jax.training import run_config, stages
-from tsdsr_jax.training.checkpoint import Checkpoints, read_state
+from tsdsr_jax.training import workdir as workdir_lib
+from tsdsr_jax.training.checkpoint import (
+    SPACE_ERRORS,
+    Checkpoints,
+    CheckpointWriteError,
+    read_state,
+)
 from tsdsr_jax.training.preemption import Preemption
 from tsdsr_jax.training.run_config import ConfigError
 
@@ -92,8 +103,10 @@ def load_teacher(config: ml_collections.ConfigDict, model: model_dir.Model) -> o
 
 # --------------------------------------------------------------------------- data
 
+SKIPPED = "skipped_samples.txt"  # in the workdir: each skipped sample's name and why
 
-def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
+
+def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model, workdir: Path):
     """This process's rows of every global batch (``config.data.shards`` streams, 0: one per
     process; fix it to keep the data order when the number of processes changes)."""
     from tsdsr_jax.data.batches import DataConfig, ProcessBatches
@@ -104,6 +117,7 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
                       seed=config.seed,
                       degradation=DegradeConfig() if config.data.degrade else None,
                       lr=config.stage == "tsd", spec=spec, skip_invalid=config.data.skip_invalid,
+                      skipped_report=str(workdir / SKIPPED),
                       num_workers=config.data.num_workers)
     shards = config.data.shards or jax.process_count()
     if shards % jax.process_count() or config.batch_size % shards:
@@ -112,45 +126,136 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model):
     return ProcessBatches(data, shards)
 
 
+def skipped_samples(workdir: Path) -> int:
+    """How many distinct samples the run has skipped (named in ``workdir/skipped_samples.txt``)."""
+    try:
+        lines = (workdir / SKIPPED).read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return len({line.partition("\t")[0] for line in lines if line})
+
+
 # --------------------------------------------------------------------------- logging
 
 
 class Logger:
-    """Scalars to ``workdir/metrics.jsonl`` and TensorBoard (when tensorboardX is installed);
-    only process 0 writes."""
+    """Scalars to ``workdir/metrics.jsonl`` and TensorBoard (when tensorboardX is installed),
+    and validation images; only process 0 writes. The TensorBoard events are written in this
+    thread (tensorboardX's own writer thread dies on a full disk and then blocks the run). A
+    write that fails is said once, and training goes on."""
 
     def __init__(self, workdir: Path):
         self.file = self.tb = None
+        self.failed = False  # a write failed (said once)
         if jax.process_index() != 0:
             return
+        self.workdir = workdir
         self.file = open(workdir / "metrics.jsonl", "a")
         try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            from tensorboardX.event_file_writer import EventsWriter
         except ImportError:
-            self.tb = None
+            return
+        self.tb_dir = workdir / "tensorboard"
+
+        def open_events() -> None:
+            self.tb_dir.mkdir(exist_ok=True)
+            self.tb = EventsWriter(str(self.tb_dir / "events"))
+
+        self._guarded(open_events, self.tb_dir)
+
+    def _guarded(self, write: Callable[[], None], where: Path) -> None:
+        try:
+            write()
+        except OSError as e:  # a full disk: training goes on, and the checkpoints tell
+            if not self.failed:
+                tqdm.write(f"warning: {where}: cannot write the logs ({e.strerror}); "
+                           "training on", file=sys.stderr)
+            self.failed = True
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.file.flush()
-        if self.tb:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
+
+        def log() -> None:
+            self.file.write(json.dumps({"step": step, **scalars}) + "\n")
+            self.file.flush()
+
+        self._guarded(log, Path(self.file.name))
+        if self.tb is not None:
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.summary import scalar
+
+            def events() -> None:
+                for k, v in scalars.items():
+                    self.tb.write_event(Event(wall_time=time.time(), step=step,
+                                              summary=scalar(k, v)))
+                self.tb.flush()
+
+            self._guarded(events, self.tb_dir)
+
+    def image(self, step: int, image: np.ndarray) -> None:
+        """A validation image in [0, 1], as ``validation/step_NNNNNNN.png``."""
+        if self.file is not None:
+            path = self.workdir / "validation" / f"step_{step:07d}.png"
+            self._guarded(lambda: save_image(to_uint8(image), path), path.parent)
+
+    def close(self) -> None:
+        for log in (self.file, self.tb):
+            if log is not None:
+                with contextlib.suppress(OSError):
+                    log.close()
 
 
 # --------------------------------------------------------------------------- main
 
+DATA_STOP = 65   # EX_DATAERR: the data stopped the run (the step it reached is checkpointed)
+IO_STOP = 74     # EX_IOERR: a checkpoint could not be written when the run needed it
+
+
+class Stopped(RuntimeError):
+    """The run stopped before ``total_steps`` for the reason it names (one line), with the step
+    it reached checkpointed where the disk allowed; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.contextmanager
+def held(workdir: Path) -> Iterator[None]:
+    """``workdir`` made and locked by process 0 for the run (:mod:`workdir`); every process
+    learns whether that worked, so that all of them stop or none."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(workdir_lib.Lock(workdir, workdir_lib.make(workdir)))
+            except workdir_lib.WorkdirError as e:
+                error = e
+        if jax.process_count() > 1:
+            ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+            if not ok and error is None:
+                error = workdir_lib.WorkdirError(f"{workdir}: process 0 could not take it "
+                                                 "(see its log)")
+        if error is not None:
+            raise error
+        yield
+
 
 def train(config: ml_collections.ConfigDict) -> int | None:
     """Runs (or resumes) the configured stage to ``config.total_steps``; on SIGTERM or SIGINT
-    it checkpoints the step it is on and returns that step."""
+    it checkpoints the step it is on and returns that step. Raises :class:`Stopped` when the
+    data or the disk stop it first."""
     run_config.check(config)
     if not runnable_here(config.attention_impl):
         raise ConfigError(f"config.attention_impl='cudnn': needs a GPU (jax runs on "
                           f"{jax.default_backend()} here); use --config.attention_impl=xla")
     workdir = Path(config.workdir)
+    with held(workdir):
+        return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
     shard_config, mesh = stages.make_mesh(config)
     if jax.process_index() == 0:
         print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
@@ -158,10 +263,14 @@ def train(config: ml_collections.ConfigDict) -> int | None:
     model = load_model(config)
     frozen = stages.frozen_inputs(config, model, load_teacher(config, model), load_lpips(config))
     stage = stages.make_stage(config, model)
-    batches = data_iterator(config, model)
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / SKIPPED).unlink(missing_ok=True)  # counts this run's skips
+        try:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        except OSError as e:
+            raise Stopped(f"{workdir / 'config.json'}: cannot write it ({e.strerror})",
+                          IO_STOP) from None
+    batches = data_iterator(config, model, workdir)
 
     # ------------------------------------------------------------ on the mesh
     jitted = stages.jit_stage(stage, frozen, mesh, shard_config)
@@ -173,32 +282,78 @@ def train(config: ml_collections.ConfigDict) -> int | None:
         batches.set_state(data_state)
         print(f"resumed from step {int(state.step)}")
 
+    def checkpoint(step: int, data_state: dict, final: bool) -> None:
+        """Saves ``step``; a failed save stops the run when ``final`` or when more space
+        will not help, else training goes on to the next checkpoint due."""
+        try:
+            checkpoints.save(step, state, data_state)
+        except CheckpointWriteError as e:
+            if final or e.errno not in SPACE_ERRORS:
+                raise Stopped(str(e), IO_STOP) from None
+            due = min(config.total_steps, (step // config.checkpoint_every + 1)
+                      * config.checkpoint_every)
+            tqdm.write(f"warning: {e}; training on (free some space: the next checkpoint is "
+                       f"due at step {due})", file=sys.stderr)
+
+    def stop_for_data(step: int, data_state: dict, why: str) -> Stopped:
+        """Checkpoints ``step`` (when it is not yet) and says why the data stopped the run."""
+        if step == 0:
+            return Stopped(f"{why}; no step was trained", DATA_STOP)
+        if checkpoints.latest_step() != step:
+            checkpoint(step, data_state, final=True)
+        return Stopped(f"{why}; step {step} is checkpointed: the same command resumes it",
+                       DATA_STOP)
+
     step_fn, validate = jitted.step, jitted.validate
     logger = Logger(workdir)
     start = int(state.step)
-    first = jax.process_index() == 0
+    allowed = config.data.max_skipped * len(batches.records) if config.data.skip_invalid else 0
     preempted = None
-    with Preemption() as preemption, sharding.activate(mesh), tqdm(
-            total=config.total_steps, initial=start, unit="step", disable=not first) as bar:
-        for step in range(start + 1, config.total_steps + 1):
-            batch = sharding.global_batch(next(batches), mesh)
-            tic = time.perf_counter()
-            state, metrics = step_fn(state, frozen, batch)
-            if step % config.log_every == 0 or step == config.total_steps:
-                scalars = {k: float(v) for k, v in metrics.items()}
-                scalars["step_time_s"] = time.perf_counter() - tic
-                logger.write(step, scalars)
-                bar.set_postfix_str(" ".join(f"{k} {scalars[k]:.4f}" for k in stage.shown))
-            if step % config.validate_every == 0:
-                image = np.asarray(validate(state, frozen, batch))
-                if first:
-                    save_image(to_uint8(image), workdir / "validation" / f"step_{step:07d}.png")
-            stop = preemption.reached(step)
-            if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
-                checkpoints.save(step, state, batches.get_state())
-            bar.update(1)
-            if stop:
-                preempted = step
-                break
-    checkpoints.close()
+    try:
+        with Preemption() as preemption, sharding.activate(mesh), tqdm(
+                total=config.total_steps, initial=start, unit="step",
+                disable=jax.process_index() != 0) as bar:
+            for step in range(start + 1, config.total_steps + 1):
+                position = batches.get_state()
+                try:
+                    batch = sharding.global_batch(next(batches), mesh)
+                except DataError as e:
+                    raise stop_for_data(step - 1, position, f"{e} (set "
+                                        "--config.data.skip_invalid=True to skip such samples)")
+                tic = time.perf_counter()
+                state, metrics = step_fn(state, frozen, batch)
+                if step % config.log_every == 0 or step == config.total_steps:
+                    scalars = {k: float(v) for k, v in metrics.items()}
+                    scalars["step_time_s"] = time.perf_counter() - tic
+                    skipped = _agreed(skipped_samples(workdir))
+                    if skipped:
+                        scalars["data/skipped"] = skipped
+                    logger.write(step, scalars)
+                    bar.set_postfix_str(" ".join(f"{k} {scalars[k]:.4f}" for k in stage.shown))
+                    if skipped > allowed:
+                        raise stop_for_data(step, batches.get_state(), (
+                            f"{skipped} of the {len(batches.records)} samples cannot be read, "
+                            f"more than data.max_skipped={config.data.max_skipped}: they are "
+                            f"named in {workdir / SKIPPED}"))
+                if step % config.validate_every == 0:
+                    logger.image(step, np.asarray(validate(state, frozen, batch)))
+                stop = preemption.reached(step)
+                if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
+                    checkpoint(step, batches.get_state(),
+                               final=stop or step == config.total_steps)
+                bar.update(1)
+                if stop:
+                    preempted = step
+                    break
+    finally:
+        logger.close()
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a second Ctrl-C: now
+            checkpoints.close()
     return preempted
+
+
+def _agreed(value: int) -> int:
+    """Process 0's ``value`` in every process (so that all of them take the same decision)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

@@ -10,6 +10,8 @@ dataclasses below. A key is required unless its dataclass has a default.
 from __future__ import annotations
 
 import dataclasses
+import os
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
@@ -99,7 +101,8 @@ class DataSection:
     resolution: int             # HR crops, pixels
     degrade: bool               # make the LR on the fly (else read lr_bicubic/)
     num_workers: int
-    skip_invalid: bool
+    skip_invalid: bool          # skip unreadable samples (named and counted), else stop
+    max_skipped: float          # stop once more than this share of the samples was skipped
     shards: int                 # data streams (0: one per process)
 
     def __post_init__(self):
@@ -110,6 +113,7 @@ class DataSection:
             raise ValueError(f"resolution={self.resolution}: must be a multiple of {MULTIPLE} "
                              "(the VAE's 8 times the transformer's patch of 2)")
         in_range(self, "num_workers", low=0)
+        in_range(self, "max_skipped", 0, 1)
         in_range(self, "shards", low=0)
 
 
@@ -167,12 +171,43 @@ def read(argv: Sequence[str]) -> ml_collections.ConfigDict:
         values(argv)
         config = values.config
         config.keys()  # a config file that failed to load raises only when first read
-    except (AttributeError, KeyError) as e:  # an override of a key the config lacks
-        key = str(e).strip("\"'")
-        given = " ".join(a for a in argv if f".{key}=" in a or a.endswith(f".{key}"))
-        raise ConfigError(f"--config: the config has no key {key!r} ({given})") from None
-    except (flags.Error, OSError, TypeError, ValueError, SyntaxError) as e:
-        lines = [line.strip() for line in str(e.__cause__ or e).splitlines() if line.strip()]
-        raise ConfigError(f"--config: {lines[-1] if lines else type(e).__name__}") from None
+    except Exception as e:
+        raise _read_error(e, argv) from None
     check(config)
     return config
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+    """The path that ``--config FILE[:ARG]`` names, if any."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.partition("=")[2].partition(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].partition(":")[0]
+    return None
+
+
+def _read_error(error: Exception, argv: Sequence[str]) -> Exception:
+    """The one-line :class:`ConfigError` of an error in reading the config: where the config
+    file raised, an override of a key the config lacks, or what config_flags says; any other
+    error as it is."""
+    path = _config_file(argv)
+    chain, seen = error, set()
+    while chain is not None and path and id(chain) not in seen:  # the config file raised?
+        seen.add(id(chain))
+        frames = [f for f in traceback.extract_tb(chain.__traceback__)
+                  if os.path.realpath(f.filename) == os.path.realpath(path)]
+        if frames:
+            text = " ".join(str(chain).split())[:300]
+            return ConfigError(f"--config {path}:{frames[-1].lineno}: "
+                               f"{type(chain).__name__}: {text}")
+        chain = chain.__cause__ or chain.__context__
+    if isinstance(error, (AttributeError, KeyError)):  # an override of a key the config lacks
+        key = str(error).strip("\"'")
+        given = " ".join(a for a in argv if f".{key}=" in a or a.endswith(f".{key}"))
+        return ConfigError(f"--config: the config has no key {key!r} ({given})")
+    if isinstance(error, (flags.Error, OSError, TypeError, ValueError, SyntaxError)):
+        lines = [line.strip() for line in str(error.__cause__ or error).splitlines()
+                 if line.strip()]
+        return ConfigError(f"--config: {lines[-1] if lines else type(error).__name__}")
+    return error
