@@ -17,20 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from processes import ROOT, env, finish, start, wait_for
 
+from tsdsr_jax.inference import command
 from tsdsr_jax.training import run_config
 from tsdsr_jax.training.checkpoint import Checkpoints
 from tsdsr_jax.training.workdir import Lock
 
-ROOT = Path(__file__).parents[1]
 TINY_INFER = ["--model", "tiny", "--precision", "fp32", "--attention", "xla",
               "--process-size", "128"]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-
-
-def env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def train_command(workdir: Path, data: Path, *overrides: str) -> list[str]:
@@ -40,30 +36,11 @@ def train_command(workdir: Path, data: Path, *overrides: str) -> list[str]:
             "--config.checkpoint_every=4", "--config.tsd.dasm_steps=1", *overrides]
 
 
-def start(cmd: list[str], log: Path, cache: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env(cache), stdout=out,
-                                stderr=subprocess.STDOUT)
-
-
-def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
-    proc.wait(timeout=900)
-    return proc.returncode, log.read_text()
-
-
 def logged(workdir: Path) -> list[str]:
     try:
         return (workdir / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return []
-
-
-def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"exited {proc.returncode} early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)
 
 
 def errors(out: str) -> list[str]:
@@ -290,6 +267,15 @@ def test_one_input_never_ends_the_folder(tmp_path, cache):
         "--max-pixels 16.8 MP; skipped"]
     assert "Traceback" not in err and "Warning" not in err
     assert out.strip().endswith(f"2 image(s) in {tmp_path / 'out'}; 1 failed")
+
+
+def test_an_output_folder_under_a_file_is_one_line(tmp_path, capsys):
+    photos(tmp_path / "in", ["a.png"])
+    (tmp_path / "file").write_text("")
+    assert command.main([*TINY_INFER, "-i", str(tmp_path / "in"),
+                         "-o", str(tmp_path / "file" / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'file' / 'out'}: "
+                                       f"{tmp_path / 'file'} is not a folder\n")
 
 
 @needs_root

@@ -10,17 +10,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from processes import finish, start, wait_for
 
 from tsdsr_jax.training.checkpoint import Checkpoints, read_state
 from tsdsr_jax.training.preemption import EXIT_CODE, Preemption
 
-ROOT = Path(__file__).parents[1]
 STEPS = 20
 
 
@@ -31,33 +30,12 @@ def command(workdir: Path, checkpoint_every: int = 1000) -> list[str]:
             f"--config.checkpoint_every={checkpoint_every}"]
 
 
-def start(cmd: list[str], log: Path, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
 def logged_steps(workdir: Path) -> list[dict]:
     try:
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in lines if line.endswith("}")]
-
-
-def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    """Polls ``condition()`` while ``proc`` runs."""
-    end = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"exited {proc.returncode} early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.05)
-
-
-def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
-    proc.wait(timeout=900)
-    return proc.returncode, log.read_text()
 
 
 def state(workdir: Path) -> dict:

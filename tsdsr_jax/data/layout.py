@@ -115,5 +115,7 @@ def scan(roots: list[str | os.PathLike], read_lr: bool, latents: bool | None = N
                             f"\n  {shown}{more}")
         log.warning("skipping %d incomplete samples:\n  %s%s", len(problems), shown, more)
     if not records:
-        raise DataError(f"no complete samples in {', '.join(map(str, roots))}")
+        raise DataError(f"no complete samples in {', '.join(map(str, roots))}"
+                        + (f" ({problems[0]}{' …' if len(problems) > 1 else ''})"
+                           if problems else ""))
     return records, problems

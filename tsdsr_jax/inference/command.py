@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
     stop: list[int] = []  # the signals received
 
     def handle(signum: int, frame) -> None:

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -69,11 +70,16 @@ def _megabytes(n: float) -> str:
 
 
 class _OrbaxErrors(logging.Filter):
-    """Drops orbax's own error logs (a traceback from each of its threads): a failed save
-    reaches the user once, as a :class:`CheckpointWriteError`."""
+    """Drops the error logs of orbax's threads and of asyncio's tasks that orbax left (each a
+    traceback): a failed save reaches the user once, as a :class:`CheckpointWriteError`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+        if record.levelno < logging.ERROR:
+            return True
+        files = [record.pathname]
+        if record.exc_info and record.exc_info[2]:
+            files += [frame.filename for frame in traceback.extract_tb(record.exc_info[2])]
+        return not any(f"{os.sep}orbax{os.sep}" in f for f in files)
 
 
 def _unraisable(previous: Callable) -> Callable:
@@ -89,9 +95,9 @@ def _unraisable(previous: Callable) -> Callable:
 
 def _hush_failed_saves() -> None:
     """Leaves a failed save's report to :class:`CheckpointWriteError` (once per process)."""
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxErrors) for f in absl_logger.filters):
-        absl_logger.addFilter(_OrbaxErrors())
+    for logger in map(logging.getLogger, ("absl", "asyncio")):
+        if not any(isinstance(f, _OrbaxErrors) for f in logger.filters):
+            logger.addFilter(_OrbaxErrors())
     if not getattr(sys.unraisablehook, "hushes_orbax", False):
         sys.unraisablehook = _unraisable(sys.unraisablehook)
 

@@ -106,9 +106,11 @@ def load_teacher(config: ml_collections.ConfigDict, model: model_dir.Model) -> o
 SKIPPED = "skipped_samples.txt"  # in the workdir: each skipped sample's name and why
 
 
-def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model, workdir: Path):
+def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model,
+                  workdir: Path | None = None):
     """This process's rows of every global batch (``config.data.shards`` streams, 0: one per
-    process; fix it to keep the data order when the number of processes changes)."""
+    process; fix it to keep the data order when the number of processes changes); skipped
+    samples are named in ``workdir/skipped_samples.txt``, when given."""
     from tsdsr_jax.data.batches import DataConfig, ProcessBatches
     from tsdsr_jax.data.degrade import DegradeConfig
 
@@ -117,7 +119,7 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model, wor
                       seed=config.seed,
                       degradation=DegradeConfig() if config.data.degrade else None,
                       lr=config.stage == "tsd", spec=spec, skip_invalid=config.data.skip_invalid,
-                      skipped_report=str(workdir / SKIPPED),
+                      skipped_report=str(workdir / SKIPPED) if workdir else None,
                       num_workers=config.data.num_workers)
     shards = config.data.shards or jax.process_count()
     if shards % jax.process_count() or config.batch_size % shards:

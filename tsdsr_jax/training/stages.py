@@ -109,8 +109,9 @@ def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: N
                                   for k, v in config.tsd.items()})
     opt_student = optim.optimizer(optim.OptimConfig(**config.optim_student))
     opt_fake = optim.optimizer(optim.OptimConfig(**config.optim_fake_score))
-    state = steps.init_state(rng, model.params, initial_student(model, config, rng),
-                               config.fake_score_rank, opt_student, opt_fake)
+    k_student, k_state = jax.random.split(rng)  # one key each: no two adapters start alike
+    state = steps.init_state(k_state, model.params, initial_student(model, config, k_student),
+                             config.fake_score_rank, opt_student, opt_fake)
     step = functools.partial(steps.train_step, nets=nets, config=tsd_config,
                              opt_student=opt_student, opt_fake=opt_fake)
     return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"))
