@@ -174,6 +174,7 @@ class Checkpoints:
         :class:`CheckpointWriteError` with nothing of it left on disk."""
         _hush_failed_saves()
         self._remove_partials(before=step)  # late writes of an earlier failed save
+        existed = step in self.manager.all_steps()
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
@@ -182,15 +183,17 @@ class Checkpoints:
             if jax.process_index() == 0:
                 write_file_list(self._folder(step))
         except Exception as e:  # orbax raises whatever its writer met
-            raise self._write_error(step, state, e) from None
+            raise self._write_error(step, state, e, existed) from None
 
-    def _write_error(self, step: int, state: PyTree, error: Exception) -> CheckpointWriteError:
-        """The one-line error of a failed save of ``step``, once its partial files are gone."""
+    def _write_error(self, step: int, state: PyTree, error: Exception, existed: bool
+                     ) -> CheckpointWriteError:
+        """The one-line error of a failed save of ``step``, once its partial files are gone
+        (and the step's folder, unless it was there before)."""
         directory = Path(self.manager.directory)
         with contextlib.suppress(Exception):
             self.manager.wait_until_finished()  # orbax's other writers of the step, if any
         self._remove_partials()
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and not existed:
             shutil.rmtree(self._folder(step), ignore_errors=True)
         with contextlib.suppress(Exception):
             self.manager.reload()  # forget the failed step
