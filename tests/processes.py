@@ -27,15 +27,21 @@ def start(cmd: list[str], log: Path, cache: Path) -> subprocess.Popen:
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, log: Path,
              timeout: float = 600) -> None:
-    """Polls ``condition()`` while ``proc`` runs."""
+    """Polls ``condition()`` while ``proc`` runs (killed when it times out)."""
     end = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, f"exited {proc.returncode} early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < end, "timed out"
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
 
 
-def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
-    """``proc``'s exit code and its log, once it ends."""
-    proc.wait(timeout=900)
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> tuple[int, str]:
+    """``proc``'s exit code and its log, once it ends (killed when it times out)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     return proc.returncode, log.read_text()

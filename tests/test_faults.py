@@ -192,8 +192,10 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, data, cache):
         proc = start(train_command(workdir, data), log, cache)
         wait_for(lambda: len(logged(workdir)) >= 5, proc, log)  # step 4 is checkpointed
         proc.send_signal(signal.SIGSTOP)
-        filler = fill(disk)
-        proc.send_signal(signal.SIGCONT)
+        try:
+            filler = fill(disk)
+        finally:
+            proc.send_signal(signal.SIGCONT)
         code, out = finish(proc, log)
         assert code == 74, out[-3000:]
         warnings = [line for line in out.splitlines() if line.startswith("warning:")]
