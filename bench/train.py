@@ -97,8 +97,8 @@ def run(args: argparse.Namespace, b: int, n: int) -> dict[str, float | None]:
     remat = None if args.remat == "none" else args.remat
     nets, frozen, student, prompt_len = build(args.tiny, dtype, "cudnn" if gpu else None, remat,
                                               abstract=args.compile_only)
-    opt = optim.optimizer(optim.OptimConfig(learning_rate=5e-6))
-    fake_opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-6))
+    opt = optim.optimizer(optim.OptimConfig(learning_rate=5e-6, total_steps=200_000))
+    fake_opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-6, total_steps=200_000))
     init = functools.partial(steps.init_state, jax.random.PRNGKey(1), opt_student=opt,
                              opt_fake=fake_opt, fake_rank=64)
     state = (jax.eval_shape(init, frozen.base, student) if args.compile_only

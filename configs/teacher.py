@@ -28,7 +28,7 @@ def get_config():
     c.teacher_rank = 64               # at the student's targets, as the released teacher
     c.flow = common.section(FlowMatchingConfig)
     c.optim_teacher = common.section(OptimConfig, learning_rate=1e-4, warmup_steps=500,
-                                     total_steps=20_000, schedule="constant_with_warmup")
+                                     schedule="constant_with_warmup")
     # the validation images: HR | noised | denoised by the teacher | sampled from noise
     c.sample = common.section(SampleSection, num_steps=28, guidance_scale=7.0, strength=0.6)
     c.checkpoint_every = 2000

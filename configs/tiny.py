@@ -41,7 +41,6 @@ def get_config(stage: str = "tsd") -> ml_collections.ConfigDict:
     c.tsd.dasm_steps = 2
     for optim in (c.optim_student, c.optim_fake_score):
         optim.warmup_steps = 10
-        optim.total_steps = 120
     c.optim_student.learning_rate = 1e-3
     c.optim_fake_score.learning_rate = 1e-3
     c.data.degrade = True

@@ -32,6 +32,7 @@ def get_config():
     c.student_vae_rank = 64
     c.fake_score_rank = 64            # the released script's 64 (its default is 16)
     c.tsd = common.section(TSDConfig)
+    # warm-up, then cosine decay to 0 at total_steps (set optim_*.total_steps for another horizon)
     c.optim_student = common.section(OptimConfig, learning_rate=5e-6)
     c.optim_fake_score = common.section(OptimConfig, learning_rate=1e-6)
     c.checkpoint_every = 5000

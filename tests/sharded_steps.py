@@ -41,7 +41,7 @@ def setup():
     null = Prompts(jnp.zeros_like(prompts.embeds), jnp.zeros_like(prompts.pooled))
     frozen = steps.Frozen(model.params, None, prompts, null,
                             lpips_model.init_params(jax.random.key(1), "alex"))
-    opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_steps=1))
+    opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=100))
     k = jax.random.split(jax.random.PRNGKey(2), 3)  # raw keys, as train.py
     student = (lora.init_adapter(k[0], model.params["transformer"], STUDENT_TARGETS, 4),
                lora.init_adapter(k[1], model.params["vae"], vae_encoder_targets(model.params["vae"]),

@@ -22,7 +22,7 @@ def make_state(seed: int) -> steps.TrainState:
                                         "lora_B": jnp.zeros((1, 1, 2, 4))}}})
     fake = {"transformer_blocks.0": {"attn": {"to_q": {"lora_A": jnp.ones((8, 2)),
                                                        "lora_B": jnp.zeros((2, 8))}}}}
-    opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-4))
+    opt = optim.optimizer(optim.OptimConfig(learning_rate=1e-4, total_steps=100))
     state = steps.TrainState(jnp.asarray(seed, jnp.int32), student, fake, opt.init(student),
                                opt.init(fake), jnp.asarray([seed, 0], jnp.int32),
                                jax.random.PRNGKey(seed))

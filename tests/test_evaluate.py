@@ -1,4 +1,4 @@
-"""The evaluation command: PSNR/SSIM against pyiqa on real photos, LPIPS, bad inputs."""
+"""The evaluation command: PSNR/SSIM against pyiqa on real photos, LPIPS, GRID, bad inputs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image, ImageFilter
 from test_lpips import reference, save_backbone
 
 from tsdsr_jax.evaluation.evaluate import COLUMNS, main
+from tsdsr_jax.evaluation.grid import grid_score
 from tsdsr_jax.io import model_dir
 
 DATA = Path(__file__).parent / "data"
@@ -77,7 +78,7 @@ def test_psnr_ssim_match_pyiqa(folders, tmp_path, space):
     table = (tmp_path / "summary.md").read_text()
     assert table.splitlines()[0] == "| images | " + " | ".join(COLUMNS) + " |"
     cells = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
-    assert cells[0] == "3" and cells[3:] == ["-"] * 7  # no LPIPS weights given
+    assert cells[0] == "3" and cells[3:-1] == ["-"] * 7  # no LPIPS weights given
     assert float(cells[1]) == pytest.approx(np.mean([r["PSNR"] for r in got.values()]), abs=5e-3)
 
 
@@ -93,6 +94,29 @@ def test_lpips_from_backbone(folders, tmp_path, capsys):
             want = model(tensor(sr / f"{stem}.png"), tensor(gt / f"{stem}.png"), normalize=True)
         assert row["LPIPS"] == pytest.approx(want.item(), rel=1e-5)
     assert "| - |" in capsys.readouterr().out  # DISTS onwards
+
+
+def test_grid_column_scores_the_sr_images(folders, tmp_path, capsys):
+    sr, gt = folders
+    assert main(["--sr", str(sr), "--gt", str(gt), "--out", str(tmp_path)]) == 0
+    got = read_csv(tmp_path / "metrics.csv")
+    for stem, row in got.items():
+        want = grid_score(np.asarray(Image.open(sr / f"{stem}.png").convert("RGB")))
+        assert row["GRID"] == pytest.approx(want, rel=1e-7, abs=1e-7)
+    cells = [c.strip() for c in (tmp_path / "summary.md").read_text().splitlines()[2].split("|")]
+    assert cells[-2] == f"{np.mean([r['GRID'] for r in got.values()]):.2f}"
+    assert "GRID" not in capsys.readouterr().err
+
+
+def test_grid_column_left_out_under_64_px(folders, tmp_path, capsys):
+    sr, gt = copy_folders(folders, tmp_path)
+    for folder in (sr, gt):
+        Image.open(folder / "chelsea.png").crop((0, 0, 100, 63)).save(folder / "chelsea.png")
+    assert main(["--sr", str(sr), "--gt", str(gt), "--out", str(tmp_path / "r")]) == 0
+    assert "GRID" not in read_csv(tmp_path / "r" / "metrics.csv")["coffee"]
+    assert (tmp_path / "r" / "summary.md").read_text().splitlines()[2].endswith("| - |")
+    err = capsys.readouterr().err
+    assert f"GRID needs 64 px a side; not computed ({sr / 'chelsea.png'})" in err
 
 
 def test_model_dir_without_lpips_is_an_error(folders, tmp_path, capsys):
@@ -164,8 +188,9 @@ def test_pyiqa_metrics_fill_the_table(folders, tmp_path, monkeypatch, capsys):
     assert got["coffee"]["DISTS"] == got["coffee"]["MUSIQ"] == 6.25
     assert "FID" not in got["coffee"]
     cells = capsys.readouterr().out.splitlines()[2].strip("|").split("|")
+    grid = f"{np.mean([r['GRID'] for r in got.values()]):.2f}"
     assert [c.strip() for c in cells][3:] == ["-", "8.9167", "12.50", "8.9167", "8.9167", "8.9167",
-                                              "8.9167"]  # (13 + 7 + 6) / 3 + 0.25
+                                              "8.9167", grid]  # (13 + 7 + 6) / 3 + 0.25
 
 
 def test_pyiqa_missing_is_an_error(folders, monkeypatch, capsys):

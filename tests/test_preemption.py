@@ -38,6 +38,24 @@ def logged_steps(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
+def tensorboard_steps(workdir: Path) -> list[int]:
+    """The steps of the scalar events in the run's TensorBoard files (TFRecord framing: a
+    length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = []
+    for file in sorted((workdir / "tensorboard").glob("events*")):
+        data = file.read_bytes()
+        at = 0
+        while at + 12 <= len(data):
+            length = int.from_bytes(data[at:at + 8], "little")
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.summary.value:
+                steps.append(event.step)
+    return steps
+
+
 def state(workdir: Path) -> dict:
     return read_state(workdir / "checkpoints")
 
@@ -88,6 +106,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(tmp_path, cach
     assert 2 <= stopped < STEPS
     assert f"stopped at step {stopped}, checkpointed" in out and "Traceback" not in out
     assert int(state(workdir)["step"]) == stopped  # the step it was on, between checkpoints
+    assert tensorboard_steps(workdir)[-1] == stopped  # the writer was flushed and closed
 
     code, out = finish(*run(command(workdir), tmp_path / "resumed.log", cache))
     assert code == 0, out[-3000:]

@@ -108,8 +108,9 @@ def test_train_step_updates_adapters(tiny_setup):
 
 def test_non_finite_step_is_skipped_and_counted(tiny_setup):
     state, frozen, step, batch = tiny_setup
-    # a NaN LR poisons both losses; a NaN HR only the student's (the fake score never reads it)
-    for field, skipped in (("lr", [1, 1]), ("hr", [1, 0])):
+    # a NaN LR poisons both losses; a NaN HR only the student's (the fake score never reads it);
+    # both reach the DASM values, which are zeroed (as the official code does) and counted
+    for field, skipped in (("lr", [1, 1, 1]), ("hr", [1, 0, 1])):
         bad = {**batch, field: np.full_like(batch[field], np.nan)}
         new, _ = step(state, frozen, bad)
         assert np.asarray(new.skipped).tolist() == skipped, field

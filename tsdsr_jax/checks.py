@@ -32,6 +32,22 @@ def in_range(obj: object, name: str, low: float | None = None, high: float | Non
                          + " and ".join(f"{sign} {bound}" for sign, bound, _ in limits))
 
 
+def interval(obj: object, name: str, low: float | None = None, high: float | None = None
+             ) -> None:
+    """``obj.name`` is a pair ``(a, b)`` with ``low <= a <= b <= high`` (None: no bound)."""
+    a, b = getattr(obj, name)
+    if not (a <= b and (low is None or a >= low) and (high is None or b <= high)):
+        within = "" if low is None and high is None else f" within [{low}, {high}]"
+        raise ValueError(f"{name}={(a, b)!r}: must be (low, high) with low <= high{within}")
+
+
+def probabilities(obj: object, name: str) -> None:
+    """``obj.name`` is a tuple of probabilities that sum to 1."""
+    values = getattr(obj, name)
+    if any(not 0 <= v <= 1 for v in values) or not math.isclose(sum(values), 1, abs_tol=1e-6):
+        raise ValueError(f"{name}={values!r}: must be probabilities in [0, 1] that sum to 1")
+
+
 def one_of(obj: object, name: str, choices: tuple | list | Mapping) -> None:
     value = getattr(obj, name)
     if value not in choices:
@@ -65,14 +81,21 @@ def _type_error(hint: Any, value: Any) -> str | None:
 
 
 def build(cls: type, values: Mapping[str, Any], section: str = ""):
-    """``cls(**values)`` with every key, type and range checked; errors name ``section.key``."""
+    """``cls(**values)`` with every key, type and range checked, nested dataclasses from nested
+    mappings; errors name ``section.key``."""
     prefix = f"{section}." if section else ""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    values = dict(values)
     for key, value in values.items():
         if key not in fields:
             raise ValueError(f"{prefix}{key}: no such key; known: " + ", ".join(fields))
-        if reason := _type_error(hints[key], value):
+        if dataclasses.is_dataclass(hints[key]):  # a nested section
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{prefix}{key}={value!r}: must be a section of "
+                                 + ", ".join(f.name for f in dataclasses.fields(hints[key])))
+            values[key] = build(hints[key], value, prefix + key)
+        elif reason := _type_error(hints[key], value):
             raise ValueError(f"{prefix}{key}={value!r}: must be {reason}")
     missing = [name for name, f in fields.items() if name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

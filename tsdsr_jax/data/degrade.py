@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 from scipy import fft, ndimage
 
-from tsdsr_jax.data.kernels import KernelConfig, random_kernel, sinc
+from tsdsr_jax.checks import in_range, interval, probabilities
+from tsdsr_jax.data.kernels import KernelConfig, odd_sizes, random_kernel, sinc
 from tsdsr_jax.io.images import to_uint8
 
 MODES = ("area", "bilinear", "bicubic")
@@ -36,6 +37,15 @@ class StageConfig:
     poisson_scale_range: tuple[float, float]
     gray_noise_prob: float
     jpeg_range: tuple[float, float]
+
+    def __post_init__(self):
+        probabilities(self, "resize_prob")
+        interval(self, "resize_range", low=1e-2)
+        for name in ("gaussian_noise_prob", "gray_noise_prob"):
+            in_range(self, name, 0, 1)
+        interval(self, "noise_range", low=0)
+        interval(self, "poisson_scale_range", low=0)
+        interval(self, "jpeg_range", 1, 100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,12 @@ class DegradeConfig:
     # SeeSR sharpens the GT before degrading it and saves the sharpened GT as ``gt/``: leave this
     # off for such data, turn it on for raw photos (then the HR should be sharpened as well).
     usm_sharpen: bool = False
+
+    def __post_init__(self):
+        in_range(self, "scale", 1, 8)
+        for name in ("final_sinc_prob", "second_blur_prob"):
+            in_range(self, name, 0, 1)
+        odd_sizes(self, "final_sinc_sizes")
 
 
 def rng(*keys: int) -> np.random.Generator:

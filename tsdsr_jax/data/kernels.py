@@ -8,6 +8,8 @@ import dataclasses
 import numpy as np
 from scipy import special
 
+from tsdsr_jax.checks import in_range, interval, probabilities
+
 KINDS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
 
@@ -74,6 +76,23 @@ class KernelConfig:
     betag: tuple[float, float] = (0.5, 4.0)
     betap: tuple[float, float] = (1.0, 2.0)
     sinc_prob: float = 0.1
+
+    def __post_init__(self):
+        odd_sizes(self, "sizes")
+        if not set(self.kinds) <= set(KINDS) or len(self.probs) != len(self.kinds):
+            raise ValueError(f"kinds={self.kinds!r}: some of {KINDS}, one probability each "
+                             f"(probs={self.probs!r})")
+        probabilities(self, "probs")
+        for name in ("sigma", "betag", "betap"):
+            interval(self, name, low=1e-3)
+        in_range(self, "sinc_prob", 0, 1)
+
+
+def odd_sizes(obj: object, name: str) -> None:
+    """``obj.name`` is a non-empty tuple of odd kernel sizes from 3 to 21."""
+    sizes = getattr(obj, name)
+    if not sizes or any(k % 2 == 0 or not 3 <= k <= 21 for k in sizes):
+        raise ValueError(f"{name}={sizes!r}: odd kernel sizes from 3 to 21")
 
 
 def _beta(rng: np.random.Generator, low: float, high: float) -> float:

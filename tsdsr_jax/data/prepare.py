@@ -19,6 +19,7 @@ every file appears atomically.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -153,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be at least 1")
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if args.text_encoders and missing:
+        parser.error(f"--text-encoders needs {' and '.join(missing)}: pip install -e '.[text]'")
     roots = [Path(r) for r in args.data]
     for root in roots:
         if not (root / layout.GT).is_dir():

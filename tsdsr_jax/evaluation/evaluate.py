@@ -7,7 +7,9 @@ Images are paired by file stem. PSNR and SSIM are on the luma (see
 ``tsdsr_jax.evaluation.metrics``); LPIPS (AlexNet, v0.1) needs weights: a model directory
 converted with ``--lpips-backbone``, or the torchvision checkpoint itself. ``--pyiqa`` adds
 DISTS, FID (of the folders), NIQE, MUSIQ, MANIQA and CLIPIQA through pyiqa (installed
-separately; it fetches its own weights). Prints the summary table in the paper's column order
+separately; it fetches its own weights). GRID, last, is the 16-px grid score of the SR images
+in dB (``tsdsr_jax.evaluation.grid``; above ``GRID_WARNING``, 3 dB, a grid shows), left out
+when an image is under 64 px a side. Prints the summary table in the paper's column order
 (metrics not computed shown as ``-``); ``--out`` also writes ``metrics.csv`` (per image) and
 ``summary.md``.
 """
@@ -28,14 +30,15 @@ import numpy as np
 from tsdsr_jax import cli
 from tsdsr_jax.conversion.lpips import plan_lpips
 from tsdsr_jax.conversion.torch_layout import ConversionError
-from tsdsr_jax.evaluation import metrics
+from tsdsr_jax.evaluation import grid, metrics
 from tsdsr_jax.inference.canvas import ladder
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import ImageError, list_images, load_image
 from tsdsr_jax.io.tree import nest
 from tsdsr_jax.models.lpips import lpips
 
-COLUMNS = ("PSNR", "SSIM", "LPIPS", "DISTS", "FID", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA")
+COLUMNS = ("PSNR", "SSIM", "LPIPS", "DISTS", "FID", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA",
+           "GRID")
 PYIQA = {"DISTS": "dists", "NIQE": "niqe", "MUSIQ": "musiq", "MANIQA": "maniqa",
          "CLIPIQA": "clipiqa"}
 
@@ -115,11 +118,15 @@ def lpips_params(args: argparse.Namespace) -> Any:
     return params
 
 
-def evaluate(images: list[tuple[np.ndarray, np.ndarray]], params: Any, space: str
-             ) -> list[dict[str, float]]:
-    """Per image ``{'PSNR': ..., 'SSIM': ..., 'LPIPS': ...}`` (LPIPS only with ``params``)."""
+def evaluate(images: list[tuple[np.ndarray, np.ndarray]], params: Any, space: str,
+             with_grid: bool = True) -> list[dict[str, float]]:
+    """Per image ``{'PSNR': ..., 'SSIM': ..., 'LPIPS': ..., 'GRID': ...}`` (LPIPS only with
+    ``params``, GRID of the SR image only ``with_grid``)."""
     rows = [{"PSNR": metrics.psnr(x, y, space), "SSIM": metrics.ssim(x, y, space)}
             for x, y in images]
+    if with_grid:
+        for row, (x, _) in zip(rows, images):
+            row["GRID"] = grid.grid_score(x)
     if params is not None:
         for i, d in lpips_distances(images, params).items():
             rows[i]["LPIPS"] = d
@@ -183,7 +190,7 @@ def summary(rows: list[dict[str, float]], totals: dict[str, float] | None = None
             value = float(np.mean([r[column] for r in rows]))
         else:
             return "-"
-        return f"{value:.2f}" if column in ("PSNR", "FID") else f"{value:.4f}"
+        return f"{value:.2f}" if column in ("PSNR", "FID", "GRID") else f"{value:.4f}"
 
     return ("| images | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1) + "\n"
             + f"| {len(rows)} | " + " | ".join(cell(c) for c in COLUMNS) + " |\n")
@@ -223,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs = pair(args.sr, args.gt)
         params = lpips_params(args)
         images = load_pairs(pairs)
-        rows = evaluate(images, params, args.y)
+        small = [str(sr) for (_, sr, _), (x, _) in zip(pairs, images)
+                 if min(x.shape[:2]) < grid.MIN_SIDE]
+        rows = evaluate(images, params, args.y, with_grid=not small)
         totals: dict[str, float] = {}
         if args.pyiqa:
             extra, totals["FID"] = pyiqa_scores(pairs, args.sr, args.gt)
@@ -233,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if params is None:
         print("note: no LPIPS weights (--model or --lpips-backbone); LPIPS not computed",
+              file=sys.stderr)
+    if small:
+        print(f"note: GRID needs {grid.MIN_SIDE} px a side; not computed ({', '.join(small)})",
               file=sys.stderr)
     table = summary(rows, totals)
     print(table, end="")

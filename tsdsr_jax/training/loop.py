@@ -27,7 +27,7 @@ from tsdsr_jax.models import lora
 from tsdsr_jax.models import lpips as lpips_model
 from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.models.targets import STUDENT_TARGETS
-from tsdsr_jax.training import run_config, stages
+from tsdsr_jax.training import progress, resume, run_config, stages, validation
 from tsdsr_jax.training import workdir as workdir_lib
 from tsdsr_jax.training.checkpoint import (
     SPACE_ERRORS,
@@ -112,12 +112,12 @@ def data_iterator(config: ml_collections.ConfigDict, model: model_dir.Model,
     process; fix it to keep the data order when the number of processes changes); skipped
     samples are named in ``workdir/skipped_samples.txt``, when given."""
     from tsdsr_jax.data.batches import DataConfig, ProcessBatches
-    from tsdsr_jax.data.degrade import DegradeConfig
 
     spec = stages.sample_spec(config, model)
+    section = run_config.section(config, "data")
     data = DataConfig(roots=tuple(config.data.roots), batch_size=config.batch_size,
                       seed=config.seed,
-                      degradation=DegradeConfig() if config.data.degrade else None,
+                      degradation=section.degradation if config.data.degrade else None,
                       lr=config.stage == "tsd", spec=spec, skip_invalid=config.data.skip_invalid,
                       skipped_report=str(workdir / SKIPPED) if workdir else None,
                       num_workers=config.data.num_workers)
@@ -195,11 +195,22 @@ class Logger:
 
             self._guarded(events, self.tb_dir)
 
+    def image_path(self, step: int) -> Path:
+        return self.workdir / "validation" / f"step_{step:07d}.png"
+
     def image(self, step: int, image: np.ndarray) -> None:
-        """A validation image in [0, 1], as ``validation/step_NNNNNNN.png``."""
-        if self.file is not None:
-            path = self.workdir / "validation" / f"step_{step:07d}.png"
-            self._guarded(lambda: save_image(to_uint8(image), path), path.parent)
+        """A validation image (uint8), as ``validation/step_NNNNNNN.png`` and in TensorBoard."""
+        if self.file is None:
+            return
+        path = self.image_path(step)
+        self._guarded(lambda: save_image(image, path), path.parent)
+        if self.tb is not None:
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.summary import image as image_summary
+
+            summary = image_summary("validation", image, dataformats="HWC")
+            self._guarded(lambda: self.tb.write_event(Event(wall_time=time.time(), step=step,
+                                                            summary=summary)), self.tb_dir)
 
     def close(self) -> None:
         for log in (self.file, self.tb):
@@ -258,19 +269,27 @@ def train(config: ml_collections.ConfigDict) -> int | None:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
+    changed = resume.changes(workdir, config)  # every process: all refuse, or none
+    if config.validation.roots and config.stage != "tsd":
+        raise ConfigError("config.validation.roots: held-out scores are the TSD stage's (the "
+                          "teacher stage saves its sample images every validate_every steps)")
     shard_config, mesh = stages.make_mesh(config)
     if jax.process_index() == 0:
         print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
               f"{jax.process_count()} process(es); global batch {config.batch_size}")
     model = load_model(config)
-    frozen = stages.frozen_inputs(config, model, load_teacher(config, model), load_lpips(config))
+    lpips_params = load_lpips(config)
+    frozen = stages.frozen_inputs(config, model, load_teacher(config, model), lpips_params)
     stage = stages.make_stage(config, model)
+    held = held_out(config, model)
     if jax.process_index() == 0:
+        for line in changed:
+            print(f"resume: {line}")
         (workdir / SKIPPED).unlink(missing_ok=True)  # counts this run's skips
         try:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            resume.write(workdir, config, bool(changed))
         except OSError as e:
-            raise Stopped(f"{workdir / 'config.json'}: cannot write it ({e.strerror})",
+            raise Stopped(f"{workdir / resume.CONFIG}: cannot write it ({e.strerror})",
                           IO_STOP) from None
     batches = data_iterator(config, model, workdir)
 
@@ -306,15 +325,37 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
         return Stopped(f"{why}; step {step} is checkpointed: the same command resumes it",
                        DATA_STOP)
 
-    step_fn, validate = jitted.step, jitted.validate
+    def validate(step: int, batch: dict) -> dict[str, float]:
+        """The held-out scores of ``step`` and its LR | SR | HR panels (without held-out
+        samples: the image of the training batch)."""
+        if held is None:
+            logger.image(step, to_uint8(np.asarray(jitted.validate(state, frozen, batch))))
+            return {}
+        sr = restore_held_out(jitted.restore, state, frozen, held["lr"], mesh,
+                              config.batch_size)
+        if jax.process_index() != 0:
+            return {}
+        lr, hr = validation.to_pixels(held["lr"]), validation.to_pixels(held["hr"])
+        sr = validation.to_pixels(sr)
+        panels = config.validation.panels
+        if panels:
+            logger.image(step, validation.panels(lr[:panels], sr[:panels], hr[:panels]))
+        scores = validation.scores(sr, hr, lpips_params)
+        if scores["val/grid"] > config.validation.grid_warning:
+            tqdm.write(f"warning: step {step}: val/grid {scores['val/grid']:.2f} dB is above "
+                       f"{config.validation.grid_warning} dB: the student's outputs show a 16-px "
+                       f"grid (see {logger.image_path(step)})", file=sys.stderr)
+        return scores
+
+    step_fn = jitted.step
     logger = Logger(workdir)
     start = int(state.step)
     allowed = config.data.max_skipped * len(batches.records) if config.data.skip_invalid else 0
+    clock = progress.Clock(config.total_steps, config.batch_size)
+    bar = progress.Progress(start, config.total_steps, stage.shown, jax.process_index() == 0)
     preempted = None
     try:
-        with Preemption() as preemption, sharding.activate(mesh), tqdm(
-                total=config.total_steps, initial=start, unit="step",
-                disable=jax.process_index() != 0) as bar:
+        with Preemption() as preemption, sharding.activate(mesh):
             for step in range(start + 1, config.total_steps + 1):
                 position = batches.get_state()
                 try:
@@ -322,36 +363,75 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
                 except DataError as e:
                     raise stop_for_data(step - 1, position, f"{e} (set "
                                         "--config.data.skip_invalid=True to skip such samples)")
-                tic = time.perf_counter()
                 state, metrics = step_fn(state, frozen, batch)
-                if step % config.log_every == 0 or step == config.total_steps:
-                    scalars = {k: float(v) for k, v in metrics.items()}
-                    scalars["step_time_s"] = time.perf_counter() - tic
+                if step == start + 1:  # it compiled: the clock starts once it is done
+                    jax.block_until_ready(metrics)
+                    clock.completed(step)
+                stop = preemption.reached(step)
+                scalars = None
+                if step % config.log_every == 0 or step == config.total_steps or stop:
+                    scalars = {k: float(v) for k, v in metrics.items()}  # waits for the step
+                    scalars |= clock.completed(step)
                     skipped = _agreed(skipped_samples(workdir))
                     if skipped:
                         scalars["data/skipped"] = skipped
+                    if step % config.validate_every == 0:
+                        with clock.pause():
+                            scalars |= validate(step, batch)
                     logger.write(step, scalars)
-                    bar.set_postfix_str(" ".join(f"{k} {scalars[k]:.4f}" for k in stage.shown))
                     if skipped > allowed:
                         raise stop_for_data(step, batches.get_state(), (
                             f"{skipped} of the {len(batches.records)} samples cannot be read, "
                             f"more than data.max_skipped={config.data.max_skipped}: they are "
                             f"named in {workdir / SKIPPED}"))
-                if step % config.validate_every == 0:
-                    logger.image(step, np.asarray(validate(state, frozen, batch)))
-                stop = preemption.reached(step)
+                elif step % config.validate_every == 0:
+                    jax.block_until_ready(state)
+                    with clock.pause():
+                        if scores := validate(step, batch):
+                            logger.write(step, scores)
                 if stop or step % config.checkpoint_every == 0 or step == config.total_steps:
-                    checkpoint(step, batches.get_state(),
-                               final=stop or step == config.total_steps)
-                bar.update(1)
+                    jax.block_until_ready(state)
+                    with clock.pause():
+                        checkpoint(step, batches.get_state(),
+                                   final=stop or step == config.total_steps)
+                bar.update(step, scalars)
                 if stop:
                     preempted = step
                     break
     finally:
+        bar.close()
         logger.close()
         if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a second Ctrl-C: now
             checkpoints.close()
     return preempted
+
+
+def held_out(config: ml_collections.ConfigDict, model: model_dir.Model
+             ) -> dict[str, np.ndarray] | None:
+    """The held-out samples of ``config.validation`` (None: no roots, said once)."""
+    if not config.validation.roots:
+        if config.stage == "tsd" and jax.process_index() == 0:
+            print("note: no held-out images (--config.validation.roots=DIR[,DIR]): each "
+                  "validation saves an image of the training batch, without scores")
+        return None
+    degradation = run_config.section(config, "data").degradation if config.data.degrade else None
+    return validation.held_out(tuple(config.validation.roots), config.validation.num_images,
+                               stages.sample_spec(config, model), degradation,
+                               config.validation.seed)
+
+
+def restore_held_out(restore: Callable, state: object, frozen: object, lr: np.ndarray,
+                     mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray:
+    """The SR of every held-out LR, ``batch_size`` at a time split over the mesh as the
+    training batches are (the last batch padded with copies)."""
+    per = batch_size // jax.process_count()
+    rows = -(-len(lr) // batch_size) * batch_size
+    padded = np.concatenate([lr, np.repeat(lr[-1:], rows - len(lr), axis=0)])
+    out = []
+    for first in range(0, rows, batch_size):
+        mine = padded[first + jax.process_index() * per:first + (jax.process_index() + 1) * per]
+        out.append(restore(state, frozen, sharding.global_batch({"lr": mine}, mesh)["lr"]))
+    return np.concatenate([np.asarray(x) for x in out])[:len(lr)]
 
 
 def _agreed(value: int) -> int:

@@ -19,7 +19,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from tsdsr_jax.checks import SEEDS, build, in_range, one_of
+from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.diffusion.denoiser import MULTIPLE
+from tsdsr_jax.evaluation.grid import GRID_WARNING
 from tsdsr_jax.models import PRECISIONS
 from tsdsr_jax.models.mmdit import ATTENTION_IMPLS
 from tsdsr_jax.sharding import ShardingConfig
@@ -104,6 +106,7 @@ class DataSection:
     skip_invalid: bool          # skip unreadable samples (named and counted), else stop
     max_skipped: float          # stop once more than this share of the samples was skipped
     shards: int                 # data streams (0: one per process)
+    degradation: DegradeConfig = dataclasses.field(default_factory=DegradeConfig)  # with degrade
 
     def __post_init__(self):
         if not self.roots or not all(self.roots):
@@ -115,6 +118,25 @@ class DataSection:
         in_range(self, "num_workers", low=0)
         in_range(self, "max_skipped", 0, 1)
         in_range(self, "shards", low=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSection:
+    """The held-out images scored every ``validate_every`` steps (none: an image of the
+    training batch is saved instead)."""
+
+    roots: tuple[str, ...] = ()   # held-out folders in the dataset layout
+    num_images: int = 16          # a fixed subset: evenly spaced over the sorted samples
+    panels: int = 4               # LR | SR | HR rows saved as the step's image
+    seed: int = 0                 # of the degradation of their LR (with data.degrade)
+    grid_warning: float = GRID_WARNING  # dB of val/grid above which a line warns
+
+    def __post_init__(self):
+        if not all(self.roots):
+            raise ValueError(f"roots={self.roots!r}: held-out dataset folders, or none")
+        in_range(self, "num_images", low=1)
+        in_range(self, "panels", 0, self.num_images)
+        in_range(self, "seed", 0, below=SEEDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +156,10 @@ class SampleSection:
 SECTIONS = {
     "tsd": (TSDRunConfig, {"tsd": TSDConfig, "optim_student": OptimConfig,
                            "optim_fake_score": OptimConfig, "data": DataSection,
-                           "sharding": ShardingConfig}),
+                           "sharding": ShardingConfig, "validation": ValidationSection}),
     "teacher": (TeacherRunConfig, {"flow": FlowMatchingConfig, "optim_teacher": OptimConfig,
                                    "data": DataSection, "sharding": ShardingConfig,
-                                   "sample": SampleSection}),
+                                   "sample": SampleSection, "validation": ValidationSection}),
 }
 
 
@@ -158,8 +180,14 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.{e}") from None
 
 
+def section(config: ml_collections.ConfigDict, name: str) -> object:
+    """The checked dataclass of the section ``name`` of a config that :func:`check` passed."""
+    return build(SECTIONS[config.stage][1][name], config[name].to_dict(), name)
+
+
 def read(argv: Sequence[str]) -> ml_collections.ConfigDict:
-    """``--config FILE`` and its ``--config.key=value`` overrides, checked (:func:`check`)."""
+    """``--config FILE`` and its ``--config.key=value`` overrides, checked (:func:`check`);
+    the ``roots`` of ``data`` and ``validation`` split at commas."""
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         raise ConfigError("--config: give a config file, e.g. --config configs/tsd.py")
     argv = ["train", *argv]
@@ -173,6 +201,11 @@ def read(argv: Sequence[str]) -> ml_collections.ConfigDict:
         config.keys()  # a config file that failed to load raises only when first read
     except Exception as e:
         raise _read_error(e, argv) from None
+    for name in ("data", "validation"):  # --config.data.roots=A,B: two folders
+        if isinstance(config.get(name), ml_collections.ConfigDict) and "roots" in config[name]:
+            roots = config[name].roots
+            if isinstance(roots, (tuple, list)):
+                config[name].roots = tuple(p for r in roots for p in str(r).split(","))
     check(config)
     return config
 

@@ -59,13 +59,18 @@ def initial_student(model: model_dir.Model, config: ml_collections.ConfigDict,
 # --------------------------------------------------------------------------- validation
 
 
+def student_sr(nets: Networks, state: steps.TrainState, frozen: steps.Frozen, lr: jax.Array
+               ) -> jax.Array:
+    """The student's SR of LR images in [-1, 1] (the posterior mean), in [-1, 1]."""
+    _, z_hat = student(nets, frozen.base, state.student, lr, frozen.default)
+    return jnp.clip(decode(nets, {"params": frozen.base["vae"]}, z_hat), -1, 1)
+
+
 def validation_image(nets: Networks, state: steps.TrainState, frozen: steps.Frozen,
                      batch: dict[str, jax.Array]) -> jax.Array:
-    """LR | SR | HR in [0, 1] for the first sample of a batch (the student, posterior mean)."""
+    """LR | SR | HR in [0, 1] for the first sample of a batch."""
     lr = batch["lr"][:1]
-    _, z_hat = student(nets, frozen.base, state.student, lr, frozen.default)
-    row = [lr[0], jnp.clip(decode(nets, {"params": frozen.base["vae"]}, z_hat)[0], -1, 1),
-           batch["hr"][0]]
+    row = [lr[0], student_sr(nets, state, frozen, lr)[0], batch["hr"][0]]
     return jnp.concatenate(row, axis=1) * 0.5 + 0.5
 
 
@@ -95,37 +100,57 @@ def teacher_validation_image(nets: Networks, state: steps.TeacherState,
 
 class Stage(NamedTuple):
     """What differs between the TSD-SR stage and the teacher stage: the state, the step, the
-    validation image and the scalars the progress bar shows."""
+    validation image, the SR of held-out LR images (the TSD stage's) and the scalars the
+    progress bar shows."""
 
     state: object
     step: Callable          # (state, frozen, batch) -> (state, metrics); jitted by the loop
     validate: Callable      # (state, frozen, batch) -> image in [0, 1]; jitted by the loop
     shown: tuple[str, ...]
+    restore: Callable | None = None  # (state, frozen, lr) -> SR in [-1, 1]; jitted by the loop
+
+
+def with_learning_rates(step: Callable, rates: dict[str, optim.OptimConfig],
+                        opt_states: Callable) -> Callable:
+    """``step`` with the learning rate of each optimiser's next update in its metrics (named as
+    ``rates``, in the order of ``opt_states(state)``)."""
+    def step_and_rates(state, frozen, batch):
+        state, metrics = step(state, frozen, batch)
+        return state, metrics | {name: optim.next_learning_rate(rate, opt_state) for
+                                 (name, rate), opt_state in zip(rates.items(), opt_states(state))}
+    return step_and_rates
 
 
 def tsd_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: Networks,
               rng: jax.Array) -> Stage:
     tsd_config = tsd.TSDConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                   for k, v in config.tsd.items()})
-    opt_student = optim.optimizer(optim.OptimConfig(**config.optim_student))
-    opt_fake = optim.optimizer(optim.OptimConfig(**config.optim_fake_score))
+    rates = {"lr_student": optim.for_run(config.optim_student, config.total_steps),
+             "lr_fake_score": optim.for_run(config.optim_fake_score, config.total_steps)}
+    opt_student, opt_fake = (optim.optimizer(c) for c in rates.values())
     k_student, k_state = jax.random.split(rng)  # one key each: no two adapters start alike
     state = steps.init_state(k_state, model.params, initial_student(model, config, k_student),
                              config.fake_score_rank, opt_student, opt_fake)
-    step = functools.partial(steps.train_step, nets=nets, config=tsd_config,
-                             opt_student=opt_student, opt_fake=opt_fake)
-    return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"))
+    step = with_learning_rates(
+        functools.partial(steps.train_step, nets=nets, config=tsd_config,
+                          opt_student=opt_student, opt_fake=opt_fake),
+        rates, lambda s: (s.opt_student, s.opt_fake))
+    return Stage(state, step, functools.partial(validation_image, nets), ("loss", "reg_loss"),
+                 functools.partial(student_sr, nets))
 
 
 def teacher_stage(config: ml_collections.ConfigDict, model: model_dir.Model, nets: Networks,
                   rng: jax.Array) -> Stage:
     flow = flow_matching.FlowMatchingConfig(**config.flow)
-    opt = optim.optimizer(optim.OptimConfig(**config.optim_teacher))
+    rate = optim.for_run(config.optim_teacher, config.total_steps)
+    opt = optim.optimizer(rate)
     if config.init_teacher == "model" and "teacher" not in model.adapters:
         raise ConfigError(f"init_teacher='model' but {config.model} has no teacher LoRA")
     adapter = model.adapters["teacher"] if config.init_teacher == "model" else None
     state = steps.init_teacher_state(rng, model.params, adapter, config.teacher_rank, opt)
-    step = functools.partial(steps.teacher_step, nets=nets, config=flow, opt=opt)
+    step = with_learning_rates(functools.partial(steps.teacher_step, nets=nets, config=flow,
+                                                 opt=opt),
+                               {"lr_teacher": rate}, lambda s: (s.opt_teacher,))
     sample = config.sample.to_dict()
     validate = functools.partial(teacher_validation_image, nets, seed=config.seed, **sample)
     return Stage(state, step, validate, ("loss",))
@@ -180,6 +205,7 @@ class Jitted(NamedTuple):
 
     step: Callable          # (state, frozen, batch) -> (state, metrics); the state is donated
     validate: Callable      # (state, frozen, batch) -> image
+    restore: Callable | None  # (state, frozen, lr) -> SR, replicated
     state_shardings: object
     frozen_shardings: object
 
@@ -196,4 +222,7 @@ def jit_stage(stage: Stage, frozen: steps.Frozen, mesh: jax.sharding.Mesh,
                    in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated))
     validate = jax.jit(stage.validate, out_shardings=replicated)
-    return Jitted(step, validate, state_shardings, frozen_shardings)
+    restore = stage.restore and jax.jit(
+        stage.restore, in_shardings=(state_shardings, frozen_shardings,
+                                     sharding.batch_sharding(mesh)), out_shardings=replicated)
+    return Jitted(step, validate, restore, state_shardings, frozen_shardings)

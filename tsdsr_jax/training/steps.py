@@ -3,7 +3,8 @@ stage's (one LoRA on SD3's flow-matching loss), each on one frozen base.
 
 Only LoRA adapters train (float32 master weights); the SD3 base, the teacher adapter, the
 prompt embeddings and LPIPS are a frozen pytree read by every step. A step whose loss or
-gradients are not finite leaves that optimiser's weights and state untouched and is counted.
+gradients are not finite leaves that optimiser's weights and state untouched and is counted, as
+are the steps whose DASM values were zeroed for being non-finite.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class TrainState(NamedTuple):
     fake_score: PyTree
     opt_student: optax.OptState
     opt_fake: optax.OptState
-    skipped: jax.Array              # (student, fake score) updates skipped as non-finite
+    skipped: jax.Array              # (student, fake score) updates skipped as non-finite, and
+                                    # the steps whose DASM values were zeroed
     rng: jax.Array                  # a raw uint32 key
 
 
@@ -54,7 +56,7 @@ def init_state(rng: jax.Array, base: PyTree, student: StudentAdapters,
     student = StudentAdapters(*jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32),
                                                       tuple(student)))
     return TrainState(jnp.zeros((), jnp.int32), student, fake, opt_student.init(student),
-                      opt_fake.init(fake), jnp.zeros((2,), jnp.int32), rng)
+                      opt_fake.init(fake), jnp.zeros((3,), jnp.int32), rng)
 
 
 def _all_finite(*trees: PyTree) -> jax.Array:
@@ -99,11 +101,13 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict[str, jax.Array],
                                          ok_student)
     fake, opt_fake_state = _update(state.fake_score, fake_grads, state.opt_fake, opt_fake,
                                    ok_fake)
-    skipped = state.skipped + jnp.stack([~ok_student, ~ok_fake]).astype(jnp.int32)
+    skipped = state.skipped + jnp.stack([~ok_student, ~ok_fake,
+                                         parts["dasm_zeroed"]]).astype(jnp.int32)
     metrics = {"loss": loss, "reg_loss": reg_loss,
                **{k: parts[k] for k in ("tsd_loss", "lpips_loss", "mse_loss", "data_loss")},
                "grad_norm": optax.tree.norm(grads), "reg_grad_norm": optax.tree.norm(fake_grads),
-               "skipped_student": skipped[0], "skipped_fake": skipped[1]}
+               "skipped_student": skipped[0], "skipped_fake": skipped[1],
+               "zeroed_dasm": skipped[2]}
     new_state = TrainState(state.step + 1, student, fake, opt_student_state, opt_fake_state,
                            skipped, rng)
     return new_state, metrics

@@ -136,8 +136,9 @@ _TIMESTEPS = schedule.timesteps()
 
 def tsd_gradient(nets: Networks, base: PyTree, adapters: Adapters, z_hat: jax.Array,
                  z_hr: jax.Array, noise: Noise, prompts: Prompts, null: Prompts,
-                 config: TSDConfig) -> tuple[jax.Array, jax.Array]:
-    """``(grad_vsd, grad_tsm)`` of the DASM loop (no gradient flows through it).
+                 config: TSDConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(grad_vsd, grad_tsm, zeroed)`` of the DASM loop (no gradient flows through it);
+    ``zeroed`` is whether any non-finite value was set to 0 (as the official code does).
 
     Both latents are noised to each sample's own teacher σ (the official code's batch flaw, one
     index for all samples, is fixed), then walked N Euler steps down the trajectory: ``ẑ`` with
@@ -154,7 +155,7 @@ def tsd_gradient(nets: Networks, base: PyTree, adapters: Adapters, z_hat: jax.Ar
     pair_null = Prompts(interleave(null.embeds, null.embeds), interleave(null.pooled, null.pooled))
 
     def sub_step(carry, k):
-        x_hat, x, grad_vsd, grad_tsm = carry
+        x_hat, x, grad_vsd, grad_tsm, zeroed = carry
         s_cur, s_next = sigmas[:, k], sigmas[:, k + 1]
         t = timesteps[:, k]
         v_teacher = guided_velocity(nets, transformer, adapters.teacher, interleave(x_hat, x),
@@ -164,16 +165,18 @@ def tsd_gradient(nets: Networks, base: PyTree, adapters: Adapters, z_hat: jax.Ar
                                  null, config.guidance_scale)
         weight = jnp.asarray(config.dasm_weights, jnp.float32)[k]
         s2 = s_cur[:, None, None, None] ** 2
-        grad_vsd = jnp.nan_to_num(grad_vsd + (v_tea_hat - v_fake) * s2 * weight)
-        grad_tsm = jnp.nan_to_num(grad_tsm + (v_tea_hat - v_tea) * s2 * weight)
+        grad_vsd = grad_vsd + (v_tea_hat - v_fake) * s2 * weight
+        grad_tsm = grad_tsm + (v_tea_hat - v_tea) * s2 * weight
+        zeroed = zeroed | ~(jnp.all(jnp.isfinite(grad_vsd)) & jnp.all(jnp.isfinite(grad_tsm)))
+        grad_vsd, grad_tsm = jnp.nan_to_num(grad_vsd), jnp.nan_to_num(grad_tsm)
         x_hat = schedule.euler_step(x_hat, v_fake, s_cur, s_next)
         x = schedule.euler_step(x, v_tea, s_cur, s_next)
-        return (x_hat, x, grad_vsd, grad_tsm), None
+        return (x_hat, x, grad_vsd, grad_tsm, zeroed), None
 
     zeros = jnp.zeros_like(z_hat)
-    (_, _, grad_vsd, grad_tsm), _ = jax.lax.scan(
-        sub_step, (x_hat, x, zeros, zeros), jnp.arange(config.dasm_steps))
-    return jax.lax.stop_gradient((grad_vsd, grad_tsm))
+    (_, _, grad_vsd, grad_tsm, zeroed), _ = jax.lax.scan(
+        sub_step, (x_hat, x, zeros, zeros, jnp.zeros((), bool)), jnp.arange(config.dasm_steps))
+    return jax.lax.stop_gradient((grad_vsd, grad_tsm)) + (zeroed,)
 
 
 def student_loss(student_adapters: StudentAdapters, nets: Networks, base: PyTree,
@@ -187,8 +190,8 @@ def student_loss(student_adapters: StudentAdapters, nets: Networks, base: PyTree
     prompts = Prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"])
     _, z_hat = student(nets, base, student_adapters, batch["lr"], default, noise.posterior)
     z_hr = batch["latent_hr"].astype(jnp.float32)
-    grad_vsd, grad_tsm = tsd_gradient(nets, base, adapters, z_hat, z_hr, noise, prompts, null,
-                                      config)
+    grad_vsd, grad_tsm, zeroed = tsd_gradient(nets, base, adapters, z_hat, z_hr, noise,
+                                              prompts, null, config)
     grad = config.lambda_vsd * grad_vsd + (1 - config.lambda_vsd) * grad_tsm
     tsd = 0.5 * jnp.mean(jnp.square(z_hat - jax.lax.stop_gradient(z_hat - grad)))
     image = jnp.clip(decode(nets, {"params": base["vae"]}, z_hat), -1, 1) * 0.5 + 0.5
@@ -196,7 +199,8 @@ def student_loss(student_adapters: StudentAdapters, nets: Networks, base: PyTree
     mse = jnp.mean(jnp.square(z_hat - z_hr))
     data = config.lpips_weight * lpips_loss + config.mse_weight * mse
     parts = {"tsd_loss": tsd, "lpips_loss": lpips_loss, "mse_loss": mse, "data_loss": data,
-             "grad_vsd": grad_vsd, "grad_tsm": grad_tsm, "z_hat": z_hat, "image": image}
+             "grad_vsd": grad_vsd, "grad_tsm": grad_tsm, "dasm_zeroed": zeroed, "z_hat": z_hat,
+             "image": image}
     return data + tsd, parts
 
 
@@ -206,7 +210,8 @@ def fake_score_loss(fake_adapter: PyTree, nets: Networks, base: PyTree, z_hat: j
     """``L_reg = ½ · mean(w) · mean((x̂_0 − ẑ_H)²)`` (the official reduction) on the student's
     stop-gradient latents noised to each sample's σ; differentiate w.r.t. ``fake_adapter``.
     The weighting ``w`` is σ⁻² for ``sigma_sqrt``, else the timestep density at the draw ``u``,
-    as the official code computes it."""
+    as the official code computes it. A non-finite loss is returned as it is (the official code
+    zeroes it): the step then skips the fake score's update and counts it."""
     z_hat = jax.lax.stop_gradient(z_hat.astype(jnp.float32))
     sigma = jnp.asarray(_SIGMAS)[noise.fake_index]
     t = jnp.asarray(_TIMESTEPS)[noise.fake_index]
@@ -218,4 +223,4 @@ def fake_score_loss(fake_adapter: PyTree, nets: Networks, base: PyTree, z_hat: j
         weighting = sigma ** -2.0
     else:
         weighting = schedule.timestep_density(noise.u, config.weighting_scheme, config.mode_scale)
-    return jnp.nan_to_num(0.5 * jnp.mean(weighting) * jnp.mean(jnp.square(x0 - z_hat)))
+    return 0.5 * jnp.mean(weighting) * jnp.mean(jnp.square(x0 - z_hat))
