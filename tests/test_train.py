@@ -66,8 +66,10 @@ def test_losses_fall_and_resume_is_exact(tmp_path):
     for key in ("data_loss", "reg_loss"):
         first, last = thirds(straight, key)
         assert last < 0.8 * first, (key, first, last)
-    # stop after step 60 (its checkpoint), then resume to 120
-    run(tmp_path / "resumed", 60)
+    # stop after step 60 (its checkpoint), then resume to 120; the schedules' horizon stays 120
+    horizon = {f"optim_{name}": {**tiny.get_config()[f"optim_{name}"], "total_steps": 120}
+               for name in ("student", "fake_score")}
+    run(tmp_path / "resumed", 60, **horizon)
     resumed = run(tmp_path / "resumed", 120)
     assert [m["loss"] for m in resumed[60:]] == [m["loss"] for m in straight[60:]]
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
