@@ -39,6 +39,12 @@ comma := ,
 	.venv-gpu/bin/python -m pip install -q -e .
 	touch $@
 
+# The one GPU call's luggage (bench/README.md): wheels the GPU machine lacks, the PyTorch
+# references; then, there: bench/gpu.sh OUT (carry gpu-bundle).
+.PHONY: gpu-bundle
+gpu-bundle: $(VENV)/.test .venv-gpu/.aot
+	$(PY) bench/bundle.py
+
 .PHONY: demo test
 demo: $(VENV)/.runtime
 	$(PY) infer.py --model $(MODEL) -i tests/data -o outputs/demo --compare

@@ -2,6 +2,7 @@
 
     python bench/infer.py                 # full-size SD3-medium + SD3 VAE, random weights (GPU)
     python bench/infer.py --tiny          # the tiny random model, small sizes (checks the script)
+    python bench/infer.py --case "512² b1" --case "1024² b1"   # some cases only
 
 Times ``Pipeline.network`` (uint8 LR → bicubic ×4 → encode → one transformer step → decode →
 wavelet colour fix → uint8 SR, LoRA merged) on device arrays; the PyTorch references in
@@ -60,20 +61,22 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--attention", default=None, help="xla | cudnn (default: cuDNN on a GPU)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--case", action="append", help="only these cases (default: all)")
     args = p.parse_args()
+    cases = [c for c in (TINY if args.tiny else FULL) if not args.case or c[0] in args.case]
     model = random_model(args.tiny)
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}; precision {args.precision}")
-    print("| case | ms/image | ms/batch | first call s | second call s | memory GB "
-          "| GFLOP/image | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, batch, side, options in (TINY if args.tiny else FULL):
+    print("| case | ms/image | ms/batch | first call s | second call s | planned GB "
+          "| device peak GB | GFLOP/image | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, batch, side, options in cases:
         pipe = Pipeline(model, InferenceConfig(precision=args.precision, vae_posterior="sample",
                                                attention_impl=args.attention, **options))
         lr = np.asarray(jax.random.randint(jax.random.key(1), (batch, side, side, 3), 0, 256,
                                            jnp.uint8))
-        args = pipe.inputs(list(lr), range(batch), jax.random.key(2))
-        call = lambda: pipe.network(*args)  # noqa: E731
+        inputs = pipe.inputs(list(lr), range(batch), jax.random.key(2))
+        call = lambda: pipe.network(*inputs)  # noqa: E731
         tic = time.perf_counter()
         jax.block_until_ready(call())
         first = time.perf_counter() - tic
@@ -81,15 +84,18 @@ def main() -> None:
         jax.block_until_ready(call())
         second = time.perf_counter() - tic
         ms = median_ms(call, args.iters)
-        compiled = pipe.network.lower(*args).compile()
+        compiled = pipe.network.lower(*inputs).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         gflop = float(cost.get("flops", 0.0)) / 1e9 / batch if cost else float("nan")
         mem = compiled.memory_analysis()  # weights + inputs + outputs + XLA's scratch
         peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                 + mem.temp_size_in_bytes) / 2**30 if mem else float("nan")
+        stats = device.memory_stats() or {}  # the process's peak so far (GPUs only)
+        used = (f"{stats['peak_bytes_in_use'] / 2**30:.2f}" if "peak_bytes_in_use" in stats
+                else "-")
         print(f"| {name} | {ms / batch:.2f} | {ms:.2f} | {first:.1f} | {second:.2f} | {peak:.2f} "
-              f"| {gflop:.4g} | {gflop * batch / ms:.3g} |", flush=True)
+              f"| {used} | {gflop:.4g} | {gflop * batch / ms:.3g} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 43
     c.precision = "bf16"              # compute dtype of the frozen base (LoRA stays float32)
+    # float32 matmuls and convolutions: default (TF32 on Ampere and Hopper GPUs) | highest
+    c.matmul_precision = "default"
     c.remat_policy = "full"           # none | full | dots: rematerialise MMDiT and VAE blocks
     c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
     c.data = ml_collections.ConfigDict(dict(

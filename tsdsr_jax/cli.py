@@ -8,7 +8,7 @@ import sys
 
 from tsdsr_jax.checks import SEEDS
 from tsdsr_jax.inference.pipeline import InferenceConfig
-from tsdsr_jax.models import PRECISIONS
+from tsdsr_jax.models import MATMUL_PRECISIONS, PRECISIONS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,7 +31,12 @@ def add_network_flags(p: argparse.ArgumentParser) -> None:
     """The flags that shape the jitted network: sizes, precision, batching and tiling."""
     p.add_argument("--upscale", type=int, default=4)
     p.add_argument("--process-size", type=int, default=512)
-    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16",
+                   help="compute precision (fp32's matmuls and convolutions are TF32 on "
+                        "Ampere and Hopper GPUs: see --matmul-precision)")
+    p.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="default",
+                   help="float32 matmuls and convolutions: XLA's default (TF32 on Ampere and "
+                        "Hopper GPUs) or highest (true float32, slower)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images of one size class per call")
     p.add_argument("--size-classes", type=int, default=2,

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from tsdsr_jax import cli
 from tsdsr_jax.inference.canvas import SizeClass
-from tsdsr_jax.inference.pipeline import Pipeline
+from tsdsr_jax.inference.pipeline import Pipeline, attention_impl
+from tsdsr_jax.models import set_matmul_precision
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import (
     FORMATS,
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         if not runnable_here(config.attention_impl):
             raise ValueError(f"--attention cudnn: needs a GPU (jax runs on "
                              f"{jax.default_backend()} here); use --attention xla")
+        if note := attention_impl(config)[1]:
+            print(note, file=sys.stderr)
+        set_matmul_precision(args.matmul_precision)
         folder = Folder(args)
         mesh = None
         if args.devices > 1:

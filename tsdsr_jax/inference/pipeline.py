@@ -101,19 +101,22 @@ class InferenceConfig:
         return bool(self.vae_encoder_tile or self.vae_decoder_tile)
 
 
-def attention_impl(config: InferenceConfig) -> str | None:
-    """The attention kernel: as configured, else cuDNN's fused one where it applies (a GPU,
-    half precision: 4.5× faster than XLA's on an H200), else JAX's default."""
+def attention_impl(config: InferenceConfig) -> tuple[str | None, str | None]:
+    """The attention kernel: as configured, else cuDNN's fused one where it applies (a GPU of
+    compute capability 8.0 or newer, half precision: 4.5× faster than XLA's on an H200), else
+    JAX's default; and the note line of a fallback (:func:`mmdit.attention_here`)."""
     if config.attention_impl or jax.default_backend() != "gpu" or config.precision == "fp32":
-        return config.attention_impl
-    return "cudnn"
+        return mmdit.attention_here(config.attention_impl)
+    return mmdit.attention_here("cudnn")
 
 
 def inference_params(params: dict[str, Any], adapters: dict[str, Any],
-                     default_prompt: dict[str, Any], config: MMDiTConfig) -> dict[str, Any]:
-    """The network's inputs, in ``config.dtype``: the student LoRA merged into the base (where
-    the model has it), and the transformer's conditioning on the student's timestep and the
-    default prompt, computed once here (the network holds no weights behind it)."""
+                     default_prompt: dict[str, Any], config: MMDiTConfig,
+                     vae_dtype: Any = None) -> dict[str, Any]:
+    """The network's inputs, in ``config.dtype`` (the VAE in ``vae_dtype``, when given): the
+    student LoRA merged into the base (where the model has it), and the transformer's
+    conditioning on the student's timestep and the default prompt, computed once here (the
+    network holds no weights behind it)."""
     transformer, vae = params["transformer"], params["vae"]
     if "student" in adapters:
         transformer = lora.merge(transformer, adapters["student"])
@@ -125,7 +128,8 @@ def inference_params(params: dict[str, Any], adapters: dict[str, Any],
     conditioning = mmdit.condition(config, transformer, jnp.full((1,), STUDENT_TIMESTEP),
                                    prompt["prompt_embeds"][None],
                                    prompt["pooled_prompt_embeds"][None])
-    return {"transformer": mmdit.without_conditioning(transformer), "vae": cast(vae),
+    vae = jax.tree_util.tree_map(lambda a: jnp.asarray(a, vae_dtype or config.dtype), vae)
+    return {"transformer": mmdit.without_conditioning(transformer), "vae": vae,
             "default": conditioning}
 
 
@@ -144,12 +148,14 @@ class Pipeline:
                              "(convert with --embeddings)")
         self.nets = Networks(
             MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
-                                      attention_impl=attention_impl(config))),
-            AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype)))
+                                      attention_impl=attention_impl(config)[0])),
+            AutoencoderKL(dataclasses.replace(model.vae_config,
+                                              dtype=model.vae_config.compute_dtype(dtype))))
         self.classes = canvas.Classes(
             config.upscale, config.process_size, config.latent_tile, config.latent_overlap,
             self.nets.mmdit.config, 0 if config.tiled_vae else config.size_class_steps)
-        prepare = functools.partial(inference_params, config=self.nets.mmdit.config)
+        prepare = functools.partial(inference_params, config=self.nets.mmdit.config,
+                                    vae_dtype=self.nets.vae.config.dtype)
         args = (model.params, model.adapters, model.embeddings["default"])
         abstract = isinstance(jax.tree_util.tree_leaves(model.params)[0], jax.ShapeDtypeStruct)
         self.params = jax.eval_shape(prepare, *args) if abstract else prepare(*args)
@@ -205,7 +211,11 @@ class Pipeline:
                                       max_tiles=cfg.latent_max_tiles)
         _, z_h = student(nets, params, None, x, params["default"], noise, encoder=encoder,
                          tiles=tiles, layout=g.layout)
-        sr = jnp.clip(decode(nets, vae, z_h, decoder), -1, 1) * 0.5 + 0.5
+        decoded = decode(nets, vae, z_h, decoder)
+        # checked here too: the way back through uint8 below would hide a NaN
+        finite = jnp.all(jnp.isfinite(decoded) | ~region_mask(g.work, *decoded.shape[1:3]),
+                         axis=(1, 2, 3))
+        sr = jnp.clip(decoded, -1, 1) * 0.5 + 0.5
         # made larger than ×upscale: the official path back, PIL's resize of the uint8 image
         back = resize_with_taps(to_uint8(sr), *g.back, rows_first=cls.back[0])
         sr = jnp.where(g.resized[:, None, None, None], back.astype(jnp.float32) / 255,
@@ -215,7 +225,7 @@ class Pipeline:
             source = resize_with_taps(lr, *g.source, rows_first=False).astype(jnp.float32) / 255
         fixed = colorfix.COLOR_FIXES[cfg.color_fix](sr, source, g.final, g.lr)
         inside = region_mask(g.final, *fixed.shape[1:3])
-        finite = jnp.all(jnp.isfinite(fixed) | ~inside, axis=(1, 2, 3))
+        finite &= jnp.all(jnp.isfinite(fixed) | ~inside, axis=(1, 2, 3))
         return to_uint8(fixed), finite
 
     # ------------------------------------------------------------------ images in, images out

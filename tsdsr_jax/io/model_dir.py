@@ -86,8 +86,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _load_tree(file: Path, expected: dict[str, Any] | None, dtype: Any) -> dict:
-    """Reads a safetensors file of our dotted names into a tree, checked against ``expected``."""
+def _load_tree(file: Path, expected: dict[str, Any] | None, dtype: Any, host: bool = False
+               ) -> dict:
+    """Reads a safetensors file of our dotted names into a tree, checked against ``expected``:
+    device arrays (on the default device), or numpy arrays with ``host``."""
     try:
         tensors = SafeTensors(file)
     except FileNotFoundError:
@@ -99,21 +101,24 @@ def _load_tree(file: Path, expected: dict[str, Any] | None, dtype: Any) -> dict:
                                   {k: v.shape for k, v in expected.items()})
         if problems:
             raise ModelDirError(f"{file}:\n  " + "\n  ".join(problems))
-    return nest({k: jnp.asarray(np.asarray(tensors[k]), dtype or tensors[k].dtype)
+    xp = np if host else jnp
+    return nest({k: xp.asarray(np.asarray(tensors[k]), dtype or tensors[k].dtype)
                  for k in tensors})
 
 
-def load(path: str | os.PathLike, dtype: Any = None, adapters: tuple[str, ...] | None = None
-         ) -> Model:
+def load(path: str | os.PathLike, dtype: Any = None, adapters: tuple[str, ...] | None = None,
+         host: bool = False) -> Model:
     """Loads a model directory. ``dtype`` casts the frozen params (default: as stored);
-    ``adapters`` picks which adapters to load (default: all present)."""
+    ``adapters`` picks which adapters to load (default: all present); ``host`` keeps the
+    frozen params in host memory (numpy), for a caller that puts each straight onto its
+    sharding, so that no device ever holds them all."""
     path = Path(path)
     config = read_config(path)
     transformer_config = MMDiTConfig.from_diffusers(config["transformer"])
     vae_config = VAEConfig.from_diffusers(config["vae"])
     abstract = {"transformer": mmdit.abstract_params(transformer_config),
                 "vae": vae.abstract_params(vae_config)}
-    params = {net: _load_tree(path / network_file(net), flatten(tree), dtype)
+    params = {net: _load_tree(path / network_file(net), flatten(tree), dtype, host)
               for net, tree in abstract.items()}
     names = tuple(config["adapters"]) if adapters is None else adapters
     loaded = {}

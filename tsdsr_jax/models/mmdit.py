@@ -308,10 +308,27 @@ class _FeedForward(nn.Module):
 CUDNN_SEQ_MULTIPLE = 128
 
 
+# cuDNN's fused attention (its flash kernels) needs an Ampere or newer GPU
+CUDNN_MIN_CAPABILITY = (8, 0)
+
+
 def runnable_here(implementation: str | None) -> bool:
     """Whether this host's backend can run the attention ``implementation`` (cuDNN needs a GPU;
     it can still be compiled for one anywhere, as tsdsr_jax.aot does)."""
     return implementation != "cudnn" or jax.default_backend() == "gpu"
+
+
+def attention_here(implementation: str | None) -> tuple[str | None, str | None]:
+    """``implementation``, or XLA's attention where cuDNN's is asked for on a GPU older than
+    compute capability 8.0 (a V100, a T4), with the note line that says so (else None)."""
+    if implementation != "cudnn" or jax.default_backend() != "gpu":
+        return implementation, None
+    old = sorted({d.compute_capability for d in jax.local_devices()
+                  if tuple(map(int, d.compute_capability.split("."))) < CUDNN_MIN_CAPABILITY})
+    if not old:
+        return implementation, None
+    return "xla", (f"note: cuDNN's fused attention needs compute capability 8.0 or newer (this "
+                   f"GPU: {old[0]}); XLA's attention instead, slower")
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,

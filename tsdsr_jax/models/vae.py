@@ -38,7 +38,7 @@ Dtype = Any
 PyTree = Any
 
 EPS = 1e-6  # every GroupNorm of diffusers' VAE
-_IGNORED_KEYS = {"sample_size", "force_upcast", "latents_mean", "latents_std"}
+_IGNORED_KEYS = {"sample_size", "latents_mean", "latents_std"}
 _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
 
@@ -58,6 +58,7 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    force_upcast: bool = True  # a float16 run computes this VAE in float32
     dtype: Dtype = jnp.float32
     remat_policy: str | None = None  # rematerialise each down/up/mid block: see remat.POLICIES
 
@@ -98,6 +99,12 @@ class VAEConfig:
                 raise ValueError(f"{len(d[key])} {key} for {len(config.block_out_channels)} "
                                  "block_out_channels")
         return config
+
+    def compute_dtype(self, dtype: Dtype) -> jnp.dtype:
+        """The VAE's compute dtype for a run in ``dtype``: float32 instead of float16 where
+        ``force_upcast`` says so (as diffusers does; SD3's VAE does)."""
+        dtype = jnp.dtype(dtype)
+        return jnp.dtype(jnp.float32) if dtype == jnp.float16 and self.force_upcast else dtype
 
     @property
     def downscale_factor(self) -> int:
@@ -161,6 +168,8 @@ class GroupNorm(nn.Module):
             mask = None if extent is None else region_mask(extent, *x.shape[1:3])
             mean, var = group_moments(x, self.num_groups, mask)
         h = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        # the one-pass variance can round to slightly below 0 (rsqrt would give NaN)
+        var = jnp.maximum(var, 0.0)
         h = (h - mean[:, None, :, None]) * jax.lax.rsqrt(var[:, None, :, None] + EPS)
         return (h.reshape(x.shape) * scale + bias).astype(x.dtype)
 

@@ -23,9 +23,9 @@ from tsdsr_jax.data.layout import DataError
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import save_image, to_uint8
 from tsdsr_jax.io.tree import flatten, nest, shape_problems
-from tsdsr_jax.models import lora
+from tsdsr_jax.models import lora, set_matmul_precision
 from tsdsr_jax.models import lpips as lpips_model
-from tsdsr_jax.models.mmdit import runnable_here
+from tsdsr_jax.models.mmdit import attention_here, runnable_here
 from tsdsr_jax.models.targets import STUDENT_TARGETS
 from tsdsr_jax.training import progress, resume, run_config, stages, validation
 from tsdsr_jax.training import workdir as workdir_lib
@@ -48,7 +48,7 @@ def load_model(config: ml_collections.ConfigDict) -> model_dir.Model:
         model.embeddings["null"] = {k: jnp.zeros_like(v)
                                     for k, v in model.embeddings["default"].items()}
         return model
-    model = model_dir.load(config.model)
+    model = model_dir.load(config.model, host=True)  # put onto the mesh later, split
     needed = [("the null-prompt embeddings (--null-embeddings)", "null")]
     if config.stage == "tsd":
         needed.insert(0, ("the default-prompt embeddings (--embeddings)", "default"))
@@ -263,6 +263,10 @@ def train(config: ml_collections.ConfigDict) -> int | None:
     if not runnable_here(config.attention_impl):
         raise ConfigError(f"config.attention_impl='cudnn': needs a GPU (jax runs on "
                           f"{jax.default_backend()} here); use --config.attention_impl=xla")
+    set_matmul_precision(config.matmul_precision)
+    config.attention_impl, note = attention_here(config.attention_impl)
+    if note and jax.process_index() == 0:
+        print(note, file=sys.stderr)
     workdir = Path(config.workdir)
     with held(workdir):
         return _run(config, workdir)
@@ -278,8 +282,9 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
         print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
               f"{jax.process_count()} process(es); global batch {config.batch_size}")
     model = load_model(config)
+    teacher = load_teacher(config, model)
     lpips_params = load_lpips(config)
-    frozen = stages.frozen_inputs(config, model, load_teacher(config, model), lpips_params)
+    frozen = stages.frozen_inputs(config, model, teacher, lpips_params)
     stage = stages.make_stage(config, model)
     held = held_out(config, model)
     if jax.process_index() == 0:

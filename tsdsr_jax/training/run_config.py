@@ -22,7 +22,7 @@ from tsdsr_jax.checks import SEEDS, build, in_range, one_of
 from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.diffusion.denoiser import MULTIPLE
 from tsdsr_jax.evaluation.grid import GRID_WARNING
-from tsdsr_jax.models import PRECISIONS
+from tsdsr_jax.models import MATMUL_PRECISIONS, PRECISIONS
 from tsdsr_jax.models.mmdit import ATTENTION_IMPLS
 from tsdsr_jax.sharding import ShardingConfig
 from tsdsr_jax.training.flow_matching import FlowMatchingConfig
@@ -48,6 +48,7 @@ class RunConfig:
     total_steps: int
     batch_size: int             # global, split over all devices
     precision: str
+    matmul_precision: str       # default (TF32 on Ampere/Hopper GPUs) | highest (true fp32)
     remat_policy: str
     attention_impl: str | None
     log_every: int
@@ -65,6 +66,7 @@ class RunConfig:
                      "checkpoint_every", "keep_checkpoints"):
             in_range(self, name, low=1)
         one_of(self, "precision", PRECISIONS)
+        one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         one_of(self, "remat_policy", REMAT_POLICIES)
         one_of(self, "attention_impl", ATTENTION_IMPLS)
 

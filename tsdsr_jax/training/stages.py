@@ -37,7 +37,8 @@ def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> Netwo
     remat = None if config.remat_policy == "none" else config.remat_policy
     mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype, remat_policy=remat,
                                       attention_impl=config.attention_impl))
-    vae = AutoencoderKL(dataclasses.replace(model.vae_config, dtype=dtype, remat_policy=remat))
+    vae = AutoencoderKL(dataclasses.replace(model.vae_config, remat_policy=remat,
+                                            dtype=model.vae_config.compute_dtype(dtype)))
     return Networks(mmdit, vae)
 
 
@@ -165,12 +166,18 @@ def make_stage(config: ml_collections.ConfigDict, model: model_dir.Model) -> Sta
 
 def frozen_inputs(config: ml_collections.ConfigDict, model: model_dir.Model,
                   teacher_adapter: object, lpips_params: object) -> steps.Frozen:
-    """What every step reads, the base and LPIPS in the compute precision."""
+    """What every step reads, the base and LPIPS in the compute precision (the VAE in its
+    own: :meth:`VAEConfig.compute_dtype`); cast on the host when they are host arrays."""
     dtype = PRECISIONS[config.precision]
-    cast = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)  # noqa: E731
+
+    def cast(tree, to=dtype):
+        return jax.tree_util.tree_map(lambda a: a.astype(to), tree)
+
     emb = {k: Prompts(v["prompt_embeds"], v["pooled_prompt_embeds"])
            for k, v in model.embeddings.items()}
-    return steps.Frozen(base=cast(model.params), teacher=teacher_adapter,
+    base = {"transformer": cast(model.params["transformer"]),
+            "vae": cast(model.params["vae"], model.vae_config.compute_dtype(dtype))}
+    return steps.Frozen(base=base, teacher=teacher_adapter,
                           default=emb.get("default"), null=emb["null"],
                           lpips=lpips_params and cast(lpips_params))
 
