@@ -34,7 +34,6 @@ from tqdm import tqdm
 from tsdsr_jax import cli
 from tsdsr_jax.inference.canvas import SizeClass
 from tsdsr_jax.inference.pipeline import Pipeline, attention_impl
-from tsdsr_jax.models import set_matmul_precision
 from tsdsr_jax.io import model_dir
 from tsdsr_jax.io.images import (
     FORMATS,
@@ -46,6 +45,7 @@ from tsdsr_jax.io.images import (
     partials,
     save_image,
 )
+from tsdsr_jax.models import set_matmul_precision
 from tsdsr_jax.models.mmdit import runnable_here
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
 
