@@ -51,6 +51,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=ROOT / "gpu-bundle")
     args = p.parse_args()
+    references = ROOT.parent / "shared" / "bench"
+    if not references.is_dir():
+        sys.exit(f"error: {references}: missing (the PyTorch reference benchmarks)")
     wheels = args.out / "wheels"
     shutil.rmtree(args.out, ignore_errors=True)
     wheels.mkdir(parents=True)
@@ -59,7 +62,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                     "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
                     *platforms, "-d", str(wheels), *pins], check=True)
-    shutil.copytree(ROOT.parent / "shared" / "bench", args.out / "shared-bench",
+    shutil.copytree(references, args.out / "shared-bench",
                     ignore=shutil.ignore_patterns("__pycache__"))
     total = size(args.out)
     for f in sorted(wheels.iterdir()):
