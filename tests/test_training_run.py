@@ -22,7 +22,7 @@ from tsdsr_jax.conversion.lpips import plan_lpips
 from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.evaluation.grid import grid_score
 from tsdsr_jax.io.tree import flatten, nest
-from tsdsr_jax.training import command, loop, optim, run_config, stages, validation
+from tsdsr_jax.training import command, loop, optim, progress, run_config, stages, validation
 from tsdsr_jax.training.run_config import ConfigError
 
 DATA = Path(__file__).parent / "data"
@@ -128,6 +128,20 @@ def test_held_out_samples_are_fixed():
 
 
 # --------------------------------------------------------------------------- a run
+
+
+def test_the_clock_times_completed_steps_without_pauses(monkeypatch):
+    now = iter([100.0, 104.0, 107.0, 110.0, 112.0])  # start, pause in and out, then two calls
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(now))
+    clock = progress.Clock(total_steps=12, batch_size=4)
+    assert clock.completed(2) == {}  # the first step compiled: it only starts the clock
+    with clock.pause():  # 3 s of validation
+        pass
+    assert clock.completed(4) == {"step_time_s": 3.5, "images_per_s": 4 / 3.5,
+                                  "eta_s": 8 * 3.5}
+    assert clock.completed(6) == {"step_time_s": 1.0, "images_per_s": 4.0,
+                                  "eta_s": 6 * (7 + 2) / 4}
+    assert progress.duration(90061) == "1d 01:01:01"
 
 
 def train(workdir: Path, *overrides: str) -> int:

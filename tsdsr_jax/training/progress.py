@@ -31,11 +31,11 @@ class Clock:
         """``step_time_s``, ``images_per_s`` (global) and ``eta_s`` since the last call, once
         ``step`` is complete; nothing at the first call (it starts the clock)."""
         now = time.perf_counter()
-        mark, self.mark = self.mark, (now, step)
-        seconds, self.paused = now - mark[0] - self.paused if mark else 0.0, 0.0
+        mark, paused = self.mark, self.paused
+        self.mark, self.paused = (now, step), 0.0
         if mark is None or step == mark[1]:
             return {}
-        steps = step - mark[1]
+        seconds, steps = now - mark[0] - paused, step - mark[1]
         self.timed = (self.timed[0] + seconds, self.timed[1] + steps)
         per_step = seconds / steps
         return {"step_time_s": per_step, "images_per_s": self.batch_size / per_step,
