@@ -114,6 +114,11 @@ def test_held_out_scores_match_skimage_and_lpips(tmp_path):
     assert got["val/grid"] == pytest.approx(np.mean([grid_score(x) for x in sr]))
 
 
+def test_held_out_scores_of_small_crops_leave_the_grid_out():
+    photo = np.asarray(Image.open(DATA / "coffee.png").convert("RGB"))[None, :32, :48]
+    assert set(validation.scores(photo, photo, None)) == {"val/psnr", "val/ssim"}
+
+
 def test_held_out_samples_are_fixed():
     config = run_config.read(TINY)
     spec = stages.sample_spec(config, loop.load_model(config))

@@ -346,7 +346,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> int | None:
         if panels:
             logger.image(step, validation.panels(lr[:panels], sr[:panels], hr[:panels]))
         scores = validation.scores(sr, hr, lpips_params)
-        if scores["val/grid"] > config.validation.grid_warning:
+        if scores.get("val/grid", -np.inf) > config.validation.grid_warning:
             tqdm.write(f"warning: step {step}: val/grid {scores['val/grid']:.2f} dB is above "
                        f"{config.validation.grid_warning} dB: the student's outputs show a 16-px "
                        f"grid (see {logger.image_path(step)})", file=sys.stderr)

@@ -13,7 +13,7 @@ import numpy as np
 from tsdsr_jax.data.batches import DataConfig, records_of
 from tsdsr_jax.data.degrade import DegradeConfig
 from tsdsr_jax.data.source import SampleSpec, load_sample
-from tsdsr_jax.evaluation import evaluate
+from tsdsr_jax.evaluation import evaluate, grid
 from tsdsr_jax.io.images import to_uint8
 
 
@@ -32,9 +32,10 @@ def held_out(roots: tuple[str, ...], num_images: int, spec: SampleSpec,
 
 
 def scores(sr: np.ndarray, hr: np.ndarray, lpips_params: Any) -> dict[str, float]:
-    """``val/psnr``, ``val/ssim``, ``val/lpips`` (with ``lpips_params``) and ``val/grid``, the
-    means over uint8 SR and HR images (N, H, W, 3)."""
-    rows = evaluate.evaluate(list(zip(sr, hr)), lpips_params, "ycbcr")
+    """``val/psnr``, ``val/ssim``, ``val/lpips`` (with ``lpips_params``) and ``val/grid`` (at
+    least 64 px a side), the means over uint8 SR and HR images (N, H, W, 3)."""
+    rows = evaluate.evaluate(list(zip(sr, hr)), lpips_params, "ycbcr",
+                             with_grid=min(sr.shape[1:3]) >= grid.MIN_SIDE)
     return {f"val/{k.lower()}": float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
