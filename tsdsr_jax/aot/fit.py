@@ -30,6 +30,7 @@ from tsdsr_jax.aot import programs  # noqa: E402
 from tsdsr_jax.aot.cards import CARDS, GIB  # noqa: E402
 from tsdsr_jax.aot.plan import NoGPUCompiler, Plan, gpu_devices  # noqa: E402
 from tsdsr_jax.io import model_dir  # noqa: E402
+from tsdsr_jax.models import set_matmul_precision  # noqa: E402
 from tsdsr_jax.training import (
     run_config,  # noqa: E402
     stages,  # noqa: E402
@@ -145,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         devices = gpu_devices(args.gpu, max(args.gpus, args.devices))
         if args.infer:
+            set_matmul_precision(args.matmul_precision)
             compile_at, given, what = inference_runner(args, devices)
         else:
-            compile_at, given, what = training_runner(run_config.read(rest), devices)
+            config = run_config.read(rest)
+            set_matmul_precision(config.matmul_precision)
+            compile_at, given, what = training_runner(config, devices)
         print(f"{card.description}: {card.memory_bytes / GIB:.1f} GiB, JAX takes "
               f"{args.mem_fraction:.0%} = {budget / GIB:.1f} GiB. {what}")
         plans = {given: compile_at(given)}
