@@ -1,5 +1,6 @@
 # Set-up and the main jobs; each target builds .venv on first use.
 #   make demo    super-resolve the bundled photos (tiny random model unless MODEL=dir)
+#   make serve   the web page and API on http://127.0.0.1:7860/ (tiny unless MODEL=dir)
 #   make test    the test suite (installs the PyTorch references and the GPU compiler too)
 # On a GPU machine add EXTRAS=cuda (installs jax[cuda12]).
 PYTHON ?= python3
@@ -39,19 +40,29 @@ comma := ,
 	.venv-gpu/bin/python -m pip install -q -e .
 	touch $@
 
+# The server's environment: Gradio wants Pillow < 13, the tests' references Pillow 13.
+.venv-serve/.serve: pyproject.toml
+	$(PYTHON) -m venv .venv-serve
+	.venv-serve/bin/python -m pip install -q --upgrade pip
+	.venv-serve/bin/python -m pip install -q -e '.[serve$(if $(EXTRAS),$(comma)$(EXTRAS))]'
+	touch $@
+
 # The one GPU call's luggage (bench/README.md): wheels the GPU machine lacks, the PyTorch
 # references; then, there: bench/gpu.sh OUT (carry gpu-bundle).
 .PHONY: gpu-bundle
 gpu-bundle: $(VENV)/.test .venv-gpu/.aot
 	$(PY) bench/bundle.py
 
-.PHONY: demo test
+.PHONY: demo serve test
 demo: $(VENV)/.runtime
 	$(PY) infer.py --model $(MODEL) -i tests/data -o outputs/demo --compare
+
+serve: .venv-serve/.serve
+	.venv-serve/bin/tsdsr-serve --model $(MODEL)
 
 # Two pytest workers, a test file each at a time: the GPU compiles and the subprocess tests
 # overlap with the rest (JOBS=1 runs them one after another).
 JOBS ?= 2
 
-test: $(VENV)/.test .venv-gpu/.aot
+test: $(VENV)/.test .venv-gpu/.aot .venv-serve/.serve
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile

@@ -81,6 +81,11 @@ def inference_config(args: argparse.Namespace, **overrides) -> InferenceConfig:
             "vae_decoder_tile": args.vae_decoder_tile, "latent_max_tiles": args.latent_max_tiles,
             "vae_max_tiles": args.vae_max_tiles, "attention_impl": args.attention,
             "size_class_steps": args.size_classes, **overrides})
-    except ValueError as e:  # "field=value: why" -> "--flag value: why"
-        field, _, rest = str(e).partition("=")
-        raise ValueError(f"--{FLAG_NAMES.get(field, field).replace('_', '-')} {rest}") from None
+    except ValueError as e:
+        raise flag_error(e) from None
+
+
+def flag_error(error: ValueError) -> ValueError:
+    """An :class:`InferenceConfig` check's "field=value: why" as "--flag value: why"."""
+    field, _, rest = str(error).partition("=")
+    return ValueError(f"--{FLAG_NAMES.get(field, field).replace('_', '-')} {rest}")

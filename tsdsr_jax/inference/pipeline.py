@@ -17,6 +17,7 @@ derives from the seed and the image's key alone, so its output does not depend o
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -151,26 +152,46 @@ class Pipeline:
                                       attention_impl=attention_impl(config)[0])),
             AutoencoderKL(dataclasses.replace(model.vae_config,
                                               dtype=model.vae_config.compute_dtype(dtype))))
-        self.classes = canvas.Classes(
-            config.upscale, config.process_size, config.latent_tile, config.latent_overlap,
-            self.nets.mmdit.config, 0 if config.tiled_vae else config.size_class_steps)
         prepare = functools.partial(inference_params, config=self.nets.mmdit.config,
                                     vae_dtype=self.nets.vae.config.dtype)
         args = (model.params, model.adapters, model.embeddings["default"])
         abstract = isinstance(jax.tree_util.tree_leaves(model.params)[0], jax.ShapeDtypeStruct)
         self.params = jax.eval_shape(prepare, *args) if abstract else prepare(*args)
-        if mesh is None:
+        if mesh is not None and not abstract:
+            self.params = sharding.put(self.params, self._params_sharding())
+        self._build()
+
+    def _params_sharding(self) -> Any:
+        return sharding.shardings(self.params, self.mesh, True,
+                                  sharding.ShardingConfig.min_shard_size)
+
+    def _build(self) -> None:
+        """The size classes and the jitted network of ``self.config``."""
+        config = self.config
+        self.classes = canvas.Classes(
+            config.upscale, config.process_size, config.latent_tile, config.latent_overlap,
+            self.nets.mmdit.config, 0 if config.tiled_vae else config.size_class_steps)
+        if self.mesh is None:
             self.network = jax.jit(self._super_resolve, static_argnums=5)
         else:
-            params_sh = sharding.shardings(self.params, mesh, True,
-                                          sharding.ShardingConfig.min_shard_size)
-            if not abstract:
-                self.params = sharding.put(self.params, params_sh)
-            batch = sharding.batch_sharding(mesh)
+            batch = sharding.batch_sharding(self.mesh)
             self.network = jax.jit(
                 self._super_resolve, static_argnums=5,
-                in_shardings=(params_sh, batch, batch, sharding.replicated(mesh), batch),
-                out_shardings=sharding.replicated(mesh))
+                in_shardings=(self._params_sharding(), batch, batch,
+                              sharding.replicated(self.mesh), batch),
+                out_shardings=sharding.replicated(self.mesh))
+
+    def with_options(self, **changes: Any) -> Pipeline:
+        """A pipeline of other :class:`InferenceConfig` options (colour fix, upscale, tiling,
+        ...) that shares this one's networks and weights (one copy on the device). The options
+        that shape the weights (precision, attention) cannot change."""
+        fixed = [name for name in ("precision", "attention_impl") if name in changes]
+        if fixed:
+            raise ValueError(f"{fixed[0]}: shapes the weights; make another Pipeline")
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        other._build()
+        return other
 
     # ------------------------------------------------------------------ the jitted network
 

@@ -107,7 +107,7 @@ def load_photo(path: Path, max_pixels: int | None = None) -> Photo:
 
 
 def _mp(pixels: int) -> str:
-    return f"{pixels / 1e6:.1f} MP"
+    return f"{pixels / 1e6:.3g} MP"
 
 
 def load_image(path: Path) -> np.ndarray:
