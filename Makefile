@@ -2,12 +2,13 @@
 #   make demo    super-resolve the bundled photos (tiny random model unless MODEL=dir)
 #   make serve   the web page and API on http://127.0.0.1:7860/ (tiny unless MODEL=dir)
 #   make test    the test suite (installs the PyTorch references and the GPU compiler too)
-# On a GPU machine add EXTRAS=cuda (installs jax[cuda12]).
+# On a GPU machine add EXTRAS=cuda (installs jax[cuda12]); on a Cloud TPU VM, EXTRAS=tpu.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The GPU compiler for compiling without a GPU (tsdsr_jax/aot, the fit check): Python 3.12 and
-# the jax release of the GPU machines, with its CUDA plugin and cuDNN (no GPU needed).
+# The GPU and TPU compilers for compiling without a GPU or TPU (tsdsr_jax/aot, the fit check):
+# Python 3.12 and the jax release of the GPU machines, with its CUDA plugin and cuDNN, and libtpu
+# (no GPU or TPU needed).
 PYTHON_GPU ?= python3.12
 JAX_GPU := 0.11.2
 EXTRAS ?=
@@ -37,6 +38,7 @@ comma := ,
 	.venv-gpu/bin/python -m pip install -q jax==$(JAX_GPU) jaxlib==$(JAX_GPU)
 	.venv-gpu/bin/python -m pip install -q --no-deps jax-cuda13-plugin==$(JAX_GPU) \
 	  jax-cuda13-pjrt==$(JAX_GPU) nvidia-cudnn-cu13==9.28.1.4
+	.venv-gpu/bin/python -m pip install -q 'jax[tpu]==$(JAX_GPU)'
 	.venv-gpu/bin/python -m pip install -q -e .
 	touch $@
 

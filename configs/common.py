@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     # float32 matmuls and convolutions: default (TF32 on Ampere and Hopper GPUs) | highest
     c.matmul_precision = "default"
     c.remat_policy = "full"           # none | full | dots: rematerialise MMDiT and VAE blocks
-    c.attention_impl = ml_collections.FieldReference("cudnn", field_type=str)  # cudnn | xla | None
+    # auto (cuDNN on a GPU, splash on a TPU) | cudnn | splash | xla | None (jax's choice)
+    c.attention_impl = ml_collections.FieldReference("auto", field_type=str)
     c.data = ml_collections.ConfigDict(dict(
         roots=("data/train",), resolution=512, degrade=False, num_workers=4,
         # an unreadable sample is skipped, named in WORKDIR/skipped_samples.txt and counted

@@ -48,7 +48,7 @@ INFER_FLAGS = st.tuples(
     flag("--color-fix", st.sampled_from(["wavelet", "adain", "none"]), st.just("sepia")),
     flag("--vae", st.sampled_from(["sample", "mean"]), st.just("mode")),
     flag("--seed", *ints(0, 5, [-1, 2 ** 32, "seed"])),
-    flag("--attention", st.just("xla"), st.sampled_from(["cudnn", "flash"])),
+    flag("--attention", st.just("xla"), st.sampled_from(["cudnn", "splash", "flash"])),
 ).map(lambda groups: [a for g in groups for a in g])
 
 
@@ -128,7 +128,7 @@ TRAIN_OVERRIDES = st.tuples(
     override("optim_fake_score.learning_rate", [1e-4], [-1, "inf"]),
     override("precision", ["fp32"], ["fp8"]),
     override("remat_policy", ["full"], ["some"]),
-    override("attention_impl", ["xla"], ["cudnn", "flash"]),
+    override("attention_impl", ["xla", "auto"], ["cudnn", "splash", "flash"]),
     override("batch_size", [1], [0, -2]),
     override("seed", [3], [-1]),
     override("data.resolution", [64], [50, 0]),

@@ -124,7 +124,7 @@ def test_plan_bytes_roofline_and_the_upsample_kernel():
 @pytest.mark.parametrize("card", ["rtx4090", "a100-40g", "a100-80g", "h100", "h200"])
 def test_fit_inference_on_every_card(card):
     done = gpu_python("-m", "tsdsr_jax.aot.fit", "--gpu", card, "--infer", "--model", "tiny",
-                      "--size", "512", "--no-search", timeout=600)
+                      "--size", "128", "--process-size", "128", "--no-search", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "batch 1 per GPU fits" in done.stdout
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import processes
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import processes
 from tsdsr_jax.inference import command as infer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -55,8 +55,9 @@ def add_network_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-max-tiles", type=int, default=None,
                    help="VAE windows per call (default: all, exact); fewer use less memory, "
                         "with GroupNorm statistics estimated from a downscaled copy")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
-                   help="attention kernel (default: cuDNN on a GPU in bf16/fp16, else XLA)")
+    p.add_argument("--attention", choices=["xla", "cudnn", "splash"], default=None,
+                   help="attention kernel (default: cuDNN on a GPU and splash on a TPU in "
+                        "bf16/fp16, else XLA)")
 
 
 # InferenceConfig fields whose flag is not the field's name

@@ -1,16 +1,19 @@
-"""Does it fit? The GPU compiler's memory plan of a training config or an inference size on a
-card, and the largest batch that fits, on any host (no GPU needed; `make .venv-gpu/.aot`):
+"""Does it fit? The GPU or TPU compiler's memory plan of a training config or an inference size
+on a card or a TPU slice, and the largest batch that fits, on any host (no GPU or TPU needed;
+`make .venv-gpu/.aot`, which holds both compilers):
 
     tsdsr-fit --gpu rtx4090 --config configs/tsd.py [--config.key=value ...]
     tsdsr-fit --gpu a100-40g --infer --size 4096 --vae-encoder-tile 1024 ...
+    tsdsr-fit --tpu v5e-8 --config configs/tsd.py --config.sharding.fsdp=8
 
 Training takes the config's model (its config.json only; SD3-medium's shapes when the folder is
 absent), its mesh over ``--gpus`` GPUs and ``batch_size`` as the global batch. Inference takes
 infer.py's network flags and the output side ``--size``. A program fits when its peak (arguments,
 outputs and temporaries, per GPU) is within the share of the card's memory that JAX takes
-(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by default). The largest batch is read off the line
-through two compiles (memory grows about linearly with the batch), narrowed by a few more, and
-checked by compiling its next batch.
+(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 by default; on a TPU, the chip's whole HBM). On a
+TPU slice, training's mesh spans all its chips, and figures are per chip. The largest batch is
+read off the line through two compiles (memory grows about linearly with the batch), narrowed by
+a few more, and checked by compiling its next batch.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tsdsr_jax import cli  # noqa: E402
-from tsdsr_jax.aot import programs  # noqa: E402
+from tsdsr_jax.aot import programs, tpus  # noqa: E402
 from tsdsr_jax.aot.cards import CARDS, GIB  # noqa: E402
 from tsdsr_jax.aot.plan import NoGPUCompiler, Plan, gpu_devices  # noqa: E402
 from tsdsr_jax.io import model_dir  # noqa: E402
 from tsdsr_jax.models import set_matmul_precision  # noqa: E402
+from tsdsr_jax.models.mmdit import resolve_attention  # noqa: E402
 from tsdsr_jax.training import (
     run_config,  # noqa: E402
     stages,  # noqa: E402
@@ -43,11 +47,14 @@ MAX_BATCH = 4096
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = cli.ArgumentParser(prog="tsdsr-fit",
                            description=__doc__.split("\n")[0])
-    p.add_argument("--gpu", required=True, choices=sorted(CARDS))
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--gpu", choices=sorted(CARDS))
+    target.add_argument("--tpu", help=f"a Cloud TPU slice: {', '.join(tpus.CHIPS)} and a count "
+                                      "(v5e-8, v5p-8, v6e-64, ...)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs on one host (training's mesh)")
-    p.add_argument("--mem-fraction", type=float,
-                   default=float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)),
-                   help="the share of the card's memory JAX takes (default: as JAX would)")
+    p.add_argument("--mem-fraction", type=float, default=None,
+                   help="the share of a device's memory JAX takes (default: as JAX would; "
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION or 0.75 on a GPU, 1 on a TPU)")
     p.add_argument("--no-search", action="store_true", help="only the given batch")
     p.add_argument("--infer", action="store_true", help="inference instead of training")
     p.add_argument("--size", type=int, default=512, help="--infer: the output side in pixels")
@@ -55,6 +62,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="--infer: a model directory (its config.json), or sd3-medium")
     cli.add_network_flags(p)
     args, rest = p.parse_known_args(argv)
+    if args.mem_fraction is None:
+        args.mem_fraction = 1.0 if args.tpu else float(
+            os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))
     if not 0 < args.mem_fraction <= 1:
         p.error(f"--mem-fraction {args.mem_fraction}: between 0 and 1")
     for name in ("gpus", "size"):
@@ -73,6 +83,7 @@ def training_runner(config, devices: list) -> tuple[Callable[[int], Plan], int, 
         print(f"note: {config.model} not found: SD3-medium's shapes")
         config.model = "sd3-medium"
     _, mesh = stages.make_mesh(config, devices)
+    config.attention_impl = resolve_attention(config.attention_impl, programs.platform(devices))
 
     def compile_at(per_gpu: int) -> Plan:
         config.batch_size = per_gpu * mesh.size
@@ -87,7 +98,8 @@ def training_runner(config, devices: list) -> tuple[Callable[[int], Plan], int, 
 def inference_runner(args: argparse.Namespace, devices: list
                      ) -> tuple[Callable[[int], Plan], int, str]:
     config = cli.inference_config(args, attention_impl=args.attention or (
-        "cudnn" if args.precision != "fp32" else None))
+        resolve_attention("auto", programs.platform(devices)) if args.precision != "fp32"
+        else None))
     if args.size % config.upscale:
         raise ConfigError(f"--size {args.size} is not a multiple of "
                                  f"--upscale {config.upscale}")
@@ -139,12 +151,24 @@ def largest_batch(compile_at: Callable[[int], Plan], plans: dict[int, Plan], bud
         halve = new_hi - new_lo > (hi - lo) / 2
 
 
+def target(args: argparse.Namespace) -> tuple[str, str, int, list]:
+    """The card or slice: its name, its description, a device's memory and the devices."""
+    if args.tpu:
+        tpu = tpus.parse(args.tpu)
+        what = (f"{args.tpu} ({tpu.chips} chip(s) of {tpu.chip.description}, {tpu.hosts} "
+                "host(s))")
+        return args.tpu, what, tpu.chip.memory_bytes, tpus.devices(args.tpu)
+    card = CARDS[args.gpu]
+    return (args.gpu, card.description, card.memory_bytes,
+            gpu_devices(args.gpu, max(args.gpus, args.devices)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
-    card = CARDS[args.gpu]
-    budget = args.mem_fraction * card.memory_bytes
+    unit = "chip" if args.tpu else "GPU"
     try:
-        devices = gpu_devices(args.gpu, max(args.gpus, args.devices))
+        name, what_device, memory, devices = target(args)
+        budget = args.mem_fraction * memory
         if args.infer:
             set_matmul_precision(args.matmul_precision)
             compile_at, given, what = inference_runner(args, devices)
@@ -152,25 +176,25 @@ def main(argv: list[str] | None = None) -> int:
             config = run_config.read(rest)
             set_matmul_precision(config.matmul_precision)
             compile_at, given, what = training_runner(config, devices)
-        print(f"{card.description}: {card.memory_bytes / GIB:.1f} GiB, JAX takes "
+        print(f"{what_device}: {memory / GIB:.1f} GiB per {unit}, JAX takes "
               f"{args.mem_fraction:.0%} = {budget / GIB:.1f} GiB. {what}")
         plans = {given: compile_at(given)}
         best = None if args.no_search else largest_batch(compile_at, plans, budget)
-    except (ConfigError, NoGPUCompiler, ValueError, model_dir.ModelDirError) as e:
+    except (ConfigError, NoGPUCompiler, tpus.NoTPUCompiler, ValueError,
+            model_dir.ModelDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'batch/GPU':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9}  fits")
+    print(f"{'batch/' + unit:>10} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9}  fits")
     for b, plan in sorted(plans.items()):
-        print(f"{b:>9} {plan.argument_bytes / GIB:>9.2f} {plan.temp_bytes / GIB:>9.2f} "
+        print(f"{b:>10} {plan.argument_bytes / GIB:>9.2f} {plan.temp_bytes / GIB:>9.2f} "
               f"{plan.peak_bytes / GIB:>9.2f}  {'yes' if plan.peak_bytes <= budget else 'no'}")
     fits = plans[given].peak_bytes <= budget
-    print(f"batch {given} per GPU {'fits' if fits else 'does NOT fit'} on the {args.gpu}")
+    print(f"batch {given} per {unit} {'fits' if fits else 'does NOT fit'} on the {name}")
     if not args.no_search:
-        print(f"largest batch per GPU that fits: {best}" if best else
+        print(f"largest batch per {unit} that fits: {best}" if best else
               "not even batch 1 fits" + (": tile it (see the README's large-image flags)"
                                          if args.infer else ""))
     return 0 if fits else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,6 +58,8 @@ class Plan:
     compile_s: float
     hlo: str = dataclasses.field(repr=False)
     costs: tuple[tuple[float, float], ...] = dataclasses.field(repr=False, default=())
+    # XLA's own cost analysis: its FLOPs, bytes accessed and (TPU) time estimate, if given
+    xla_cost: dict[str, float] = dataclasses.field(repr=False, default_factory=dict)
 
     def roofline_s(self, peak_flops: float = H200_PEAK_FLOPS,
                    bandwidth: float = H200_BANDWIDTH) -> float:
@@ -80,9 +82,13 @@ def compile_plan(jitted: Callable, args: Sequence, kwargs: dict | None = None) -
     m = compiled.memory_analysis()
     text = compiled.as_text()
     counts = hlo_counts(text)
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    xla_cost = {k: float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds")
+                if k in cost}
     return Plan(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
                 m.temp_size_in_bytes, counts.kernels, counts.flops, counts.collective_bytes,
-                sum(b for _, b in counts.costs), compile_s, text, tuple(counts.costs))
+                sum(b for _, b in counts.costs), compile_s, text, tuple(counts.costs), xla_cost)
 
 
 # --------------------------------------------------------------------------- HLO text

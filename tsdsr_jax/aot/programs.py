@@ -75,6 +75,11 @@ def abstract_model(model: str) -> model_dir.Model:
                            {"default": prompt, "null": prompt})
 
 
+def platform(devices: list) -> str:
+    """The devices' platform as jax names backends: gpu, tpu or cpu."""
+    return {"cuda": "gpu", "rocm": "gpu"}.get(devices[0].platform, devices[0].platform)
+
+
 def inference(model: model_dir.Model, config: InferenceConfig, batch: int,
               lr_size: tuple[int, int], devices: list) -> Program:
     """infer.py's network for ``batch`` LR images of ``lr_size`` over ``devices`` (the batch
@@ -92,6 +97,7 @@ def training(config: ml_collections.ConfigDict, devices: list) -> Program:
     shard_config, mesh = stages.make_mesh(config, devices)
     model = abstract_model(config.model)
     config = config.copy_and_resolve_references()
+    config.attention_impl = mmdit.resolve_attention(config.attention_impl, platform(devices))
     for key in ("init_student", "init_teacher"):  # the model's adapters have these shapes too
         if key in config:
             config[key] = "random"

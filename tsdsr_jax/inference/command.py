@@ -46,7 +46,7 @@ from tsdsr_jax.io.images import (
     save_image,
 )
 from tsdsr_jax.models import set_matmul_precision
-from tsdsr_jax.models.mmdit import runnable_here
+from tsdsr_jax.models.mmdit import not_runnable_here
 from tsdsr_jax.sharding import ShardingConfig, make_mesh
 
 DISK_FULL = 74  # EX_IOERR
@@ -192,9 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = cli.inference_config(args, color_fix=args.color_fix, vae_posterior=args.vae)
         check(args)
-        if not runnable_here(config.attention_impl):
-            raise ValueError(f"--attention cudnn: needs a GPU (jax runs on "
-                             f"{jax.default_backend()} here); use --attention xla")
+        if why := not_runnable_here(config.attention_impl):
+            raise ValueError(f"--attention {config.attention_impl}: {why}; use --attention xla")
         if note := attention_impl(config)[1]:
             print(note, file=sys.stderr)
         set_matmul_precision(args.matmul_precision)

@@ -29,20 +29,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax.models import remat
+from tsdsr_jax.models import remat, splash
 from tsdsr_jax.models.lora import Conv, Dense
 
 PyTree = Any
 
 _QK_NORMS = (None, "rms_norm")
-ATTENTION_IMPLS = (None, "xla", "cudnn")  # None: jax chooses
+# None: jax chooses; "splash": the Pallas TPU kernel (tsdsr_jax.models.splash)
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 
 
 @dataclass(frozen=True)
 class MMDiTConfig:
     """diffusers' ``SD3Transformer2DModel`` config (same field names and defaults), plus the
-    compute ``dtype`` and the ``attention_impl`` given to ``jax.nn.dot_product_attention``
-    (None: jax chooses; "xla"; "cudnn")."""
+    compute ``dtype`` and the ``attention_impl``: given to ``jax.nn.dot_product_attention``
+    (None: jax chooses; "xla"; "cudnn"), or "splash", the Pallas kernel for TPUs."""
 
     sample_size: int = 128
     patch_size: int = 2
@@ -312,10 +313,23 @@ CUDNN_SEQ_MULTIPLE = 128
 CUDNN_MIN_CAPABILITY = (8, 0)
 
 
-def runnable_here(implementation: str | None) -> bool:
-    """Whether this host's backend can run the attention ``implementation`` (cuDNN needs a GPU;
-    it can still be compiled for one anywhere, as tsdsr_jax.aot does)."""
-    return implementation != "cudnn" or jax.default_backend() == "gpu"
+# The backend each kernel needs (they can still be compiled for it anywhere, as tsdsr_jax.aot
+# does), and the kernel that "auto" picks on each (elsewhere: jax's default)
+KERNEL_BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
+AUTO_KERNELS = {"gpu": "cudnn", "tpu": "splash"}
+
+
+def resolve_attention(implementation: str | None, platform: str) -> str | None:
+    """``implementation``, where "auto" is the kernel of ``platform`` (gpu, tpu, cpu)."""
+    return AUTO_KERNELS.get(platform) if implementation == "auto" else implementation
+
+
+def not_runnable_here(implementation: str | None) -> str | None:
+    """Why this host's backend cannot run the attention ``implementation``, or None."""
+    needed, here = KERNEL_BACKENDS.get(implementation), jax.default_backend()
+    if needed in (None, here):
+        return None
+    return f"needs a {needed.upper()} (jax runs on {here} here)"
 
 
 def attention_here(implementation: str | None) -> tuple[str | None, str | None]:
@@ -340,9 +354,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     padding is masked out exactly) and the padded rows are dropped. ``"cudnn"`` always pads, to
     :data:`CUDNN_SEQ_MULTIPLE`. ``lengths`` (B,): only each sequence's first ``lengths`` tokens
     are real; the rest attend to nothing and are attended to by nothing (their output is 0)."""
+    length = q.shape[1]
+    if implementation == "splash":  # pads and masks itself
+        out = splash.splash_attention(q, k, v, lengths)
+        return out if lengths is None else _zero_beyond(out, lengths)
     if implementation == "cudnn":
         pad_multiple = pad_multiple or CUDNN_SEQ_MULTIPLE
-    length = q.shape[1]
     pad = -length % pad_multiple if pad_multiple else 0
     if not pad and lengths is None:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -351,10 +368,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     out = jax.nn.dot_product_attention(q, k, v, implementation=implementation,
                                        query_seq_lengths=real, key_value_seq_lengths=real)
     out = out[:, :length]
-    if lengths is None:
-        return out
-    return jnp.where(jnp.arange(length)[None, :, None, None] < lengths[:, None, None, None],
-                     out, jnp.zeros((), out.dtype))
+    return out if lengths is None else _zero_beyond(out, lengths)
+
+
+def _zero_beyond(out: jax.Array, lengths: jax.Array) -> jax.Array:
+    """``out`` (B, L, ...) with each sequence's rows from its ``lengths`` on set to 0."""
+    keep = jnp.arange(out.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(keep.reshape(*keep.shape, *(1,) * (out.ndim - 2)), out,
+                     jnp.zeros((), out.dtype))
 
 
 class _Attention(nn.Module):

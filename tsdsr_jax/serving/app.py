@@ -33,12 +33,19 @@ import jax
 
 from tsdsr_jax import cli
 from tsdsr_jax.inference import colorfix
-from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline, attention_impl
 from tsdsr_jax.inference.command import load_model
+from tsdsr_jax.inference.pipeline import InferenceConfig, Pipeline, attention_impl
 from tsdsr_jax.models import MATMUL_PRECISIONS, PRECISIONS, set_matmul_precision
-from tsdsr_jax.models.mmdit import runnable_here
+from tsdsr_jax.models.mmdit import not_runnable_here
 from tsdsr_jax.serving.batcher import Batcher
-from tsdsr_jax.serving.service import TILE_ABOVE, TILINGS, Options, RequestError, Service
+from tsdsr_jax.serving.service import (
+    TILE_ABOVE,
+    TILINGS,
+    Options,
+    Output,
+    RequestError,
+    Service,
+)
 
 MAX_PIXELS = 1024 * 1024
 # LR sizes whose size classes start-up compiles: squares, 3:4 and 4:3 at 256 and 512 px
@@ -71,8 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--upscale", type=int, choices=UPSCALES, default=4, help="the page's default")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
     p.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="default")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default=None,
-                   help="attention kernel (default: cuDNN on a GPU in bf16/fp16, else XLA)")
+    p.add_argument("--attention", choices=["xla", "cudnn", "splash"], default=None,
+                   help="attention kernel (default: cuDNN on a GPU and splash on a TPU in "
+                        "bf16/fp16, else XLA)")
     p.add_argument("--size-classes", type=int, default=2,
                    help="size classes per octave of a side (see tsdsr-infer)")
     p.add_argument("--process-size", type=int, default=512)
@@ -121,26 +129,25 @@ def check(args: argparse.Namespace) -> tuple[InferenceConfig, list[tuple[int, in
                                  process_size=args.process_size)
     except ValueError as e:
         raise cli.flag_error(e) from None
-    if not runnable_here(config.attention_impl):
-        raise ValueError(f"--attention cudnn: needs a GPU (jax runs on "
-                         f"{jax.default_backend()} here); use --attention xla")
+    if why := not_runnable_here(config.attention_impl):
+        raise ValueError(f"--attention {config.attention_impl}: {why}; use --attention xla")
     return config, sizes
 
 
 def page(service: Service, args: argparse.Namespace, gr) -> object:
     """The Gradio Blocks of the page and of the ``/super_resolve`` API."""
 
-    def serve(photo: str | None, color_fix: str, upscale: int, tiling: str):
+    def serve(photo: str | None, color_fix: str, upscale: int | str, tiling: str) -> Output:
         try:
             return service.super_resolve(photo, Options(color_fix, int(upscale), tiling))
         except (RequestError, ValueError) as e:
             raise gr.Error(str(e), print_exception=False) from None
 
-    def on_page(photo, color_fix, upscale, tiling):
-        output = serve(photo, color_fix, upscale, tiling)
+    def on_page(*request) -> tuple[tuple[str, str], str]:  # the slider's pair, the download
+        output = serve(*request)
         return (str(output.before), str(output.after)), str(output.after)
 
-    def on_api(photo, color_fix, upscale, tiling):
+    def on_api(photo: str | None, color_fix: str, upscale: int | str, tiling: str) -> str:
         return str(serve(photo, color_fix, upscale, tiling).after)
 
     tiny = args.model == "tiny"
@@ -229,8 +236,13 @@ def serve(args: argparse.Namespace, config: InferenceConfig, sizes: list[tuple[i
     service = Service(pipe, batcher, folder / "outputs", args.max_pixels)
     demo = page(service, args, gr)
     demo.queue(default_concurrency_limit=4 * args.max_batch_size)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True,
-                max_file_size=8 * args.max_pixels + (1 << 20), prevent_thread_lock=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=True,
+                    max_file_size=8 * args.max_pixels + (1 << 20), prevent_thread_lock=True)
+    except OSError as e:  # the port was taken while the model loaded
+        print(f"error: --host {args.host} --port {args.port}: {e}", file=sys.stderr)
+        batcher.close()
+        return 2
     print(f"uploads and outputs in the temporary folder {folder} (removed when the server "
           "stops)", flush=True)
     print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)

@@ -58,7 +58,6 @@ class Options:
 class Output(NamedTuple):
     before: Path  # the LR enlarged by nearest neighbour to the output's size (PNG)
     after: Path   # the SR (PNG, the input's ICC profile carried)
-    shape: tuple[int, int]  # the SR's (height, width)
 
 
 class Service:
@@ -105,7 +104,7 @@ class Service:
         save_image(result.sr, after, icc_profile=photo.icc_profile)
         save_image(before, out / f"{path.stem}_lr.png", compress_level=1,
                    icc_profile=photo.icc_profile)
-        return Output(out / f"{path.stem}_lr.png", after, result.sr.shape[:2])
+        return Output(out / f"{path.stem}_lr.png", after)
 
     def prune(self, age_s: float) -> None:
         """Removes the outputs older than ``age_s`` seconds."""

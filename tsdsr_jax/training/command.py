@@ -46,10 +46,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, ml_collections.Conf
     p.add_argument("--coordinator", help="multi-process runs: host:port of process 0")
     p.add_argument("--num_processes", type=int, help="multi-process runs: how many processes")
     p.add_argument("--process_id", type=int, help="multi-process runs: this process's index")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-host run that jax finds on its own (a Cloud TPU slice of "
+                        "several hosts, Kubernetes, Open MPI): no coordinator flags")
     args, rest = p.parse_known_args(argv)
     given = [args.coordinator, args.num_processes, args.process_id]
     if any(v is not None for v in given) and None in given:
         p.error("--coordinator, --num_processes and --process_id go together")
+    if args.distributed and args.coordinator:
+        p.error("--distributed finds the coordinator itself: leave --coordinator out")
     if args.coordinator:
         host, _, port = args.coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -63,8 +68,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, ml_collections.Conf
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
-    """Joins a multi-process run: from ``--coordinator`` etc., or from SLURM's environment."""
-    if not args.coordinator and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    """Joins a multi-process run: from ``--coordinator`` etc., from SLURM's environment, or as
+    jax finds it (``--distributed``)."""
+    if not (args.coordinator or args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
         return
     try:  # collectives between CPU processes (tests, CPU-only runs) go through gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

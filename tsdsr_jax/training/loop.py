@@ -25,7 +25,7 @@ from tsdsr_jax.io.images import save_image, to_uint8
 from tsdsr_jax.io.tree import flatten, nest, shape_problems
 from tsdsr_jax.models import lora, set_matmul_precision
 from tsdsr_jax.models import lpips as lpips_model
-from tsdsr_jax.models.mmdit import attention_here, runnable_here
+from tsdsr_jax.models.mmdit import attention_here, not_runnable_here, resolve_attention
 from tsdsr_jax.models.targets import STUDENT_TARGETS
 from tsdsr_jax.training import progress, resume, run_config, stages, validation
 from tsdsr_jax.training import workdir as workdir_lib
@@ -260,9 +260,10 @@ def train(config: ml_collections.ConfigDict) -> int | None:
     it checkpoints the step it is on and returns that step. Raises :class:`Stopped` when the
     data or the disk stop it first."""
     run_config.check(config)
-    if not runnable_here(config.attention_impl):
-        raise ConfigError(f"config.attention_impl='cudnn': needs a GPU (jax runs on "
-                          f"{jax.default_backend()} here); use --config.attention_impl=xla")
+    config.attention_impl = resolve_attention(config.attention_impl, jax.default_backend())
+    if why := not_runnable_here(config.attention_impl):
+        raise ConfigError(f"config.attention_impl={config.attention_impl!r}: {why}; use "
+                          "--config.attention_impl=auto or xla")
     set_matmul_precision(config.matmul_precision)
     config.attention_impl, note = attention_here(config.attention_impl)
     if note and jax.process_index() == 0:

@@ -68,7 +68,7 @@ class RunConfig:
         one_of(self, "precision", PRECISIONS)
         one_of(self, "matmul_precision", MATMUL_PRECISIONS)
         one_of(self, "remat_policy", REMAT_POLICIES)
-        one_of(self, "attention_impl", ATTENTION_IMPLS)
+        one_of(self, "attention_impl", ("auto", *ATTENTION_IMPLS))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""XLA's TPU compiler's plan of the full-size programs (SD3-medium and the SD3 VAE) for Cloud TPU
+slices, compiled from shapes alone on this host through libtpu (no TPU; `make .venv-gpu/.aot`,
+then run with its python):
+
+    .venv-gpu/bin/python bench/tpu_plans.py --json bench/tpu_plans.json [--case NAME ...]
+
+Per program and per chip: the peak (arguments, outputs, temporaries), the bytes its collectives
+deliver, XLA's FLOPs and bytes accessed, and a lower bound of its time: max(FLOPs / peak bf16
+FLOP/s, bytes / HBM bandwidth) of the chip's public figures (the Pallas attention kernel's work
+is not in XLA's count). XLA's own ``optimal_seconds`` is reported as given. Results accumulate
+in ``--json``, one entry per case; the table is printed from all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from configs import tsd  # noqa: E402
+from tsdsr_jax.aot import programs, tpus  # noqa: E402
+from tsdsr_jax.aot.cards import GIB  # noqa: E402
+from tsdsr_jax.inference.pipeline import InferenceConfig  # noqa: E402
+
+
+def inference(slice_name: str, batch: int, attention: str) -> Callable:
+    config = InferenceConfig(precision="bf16", attention_impl=attention)
+    return lambda: programs.inference(programs.abstract_model("sd3-medium"), config, batch,
+                                      (128, 128), tpus.devices(slice_name)[:1])
+
+
+def training(slice_name: str, batch: int, fsdp: int, attention: str = "splash") -> Callable:
+    def build():
+        config = tsd.get_config()
+        config.model, config.attention_impl, config.batch_size = "sd3-medium", attention, batch
+        config.sharding.fsdp = fsdp
+        return programs.training(config, tpus.devices(slice_name))
+    return build
+
+
+# (case, slice, images per call, the program)
+CASES: dict[str, tuple[str, int, Callable]] = {
+    "infer 512² b1, v5e, splash": ("v5e-1", 1, inference("v5e-1", 1, "splash")),
+    "infer 512² b1, v5e, xla": ("v5e-1", 1, inference("v5e-1", 1, "xla")),
+    "infer 512² b8, v5e, splash": ("v5e-1", 8, inference("v5e-1", 8, "splash")),
+    "infer 512² b8, v5e, xla": ("v5e-1", 8, inference("v5e-1", 8, "xla")),
+    "infer 512² b8, v5p, splash": ("v5p-8", 8, inference("v5p-8", 8, "splash")),
+    "infer 512² b8, v6e, splash": ("v6e-8", 8, inference("v6e-8", 8, "splash")),
+    "tsd b16, v5e-8 fsdp 8, splash": ("v5e-8", 16, training("v5e-8", 16, 8)),
+    "tsd b16, v5e-8 fsdp 8, xla": ("v5e-8", 16, training("v5e-8", 16, 8, "xla")),
+    "tsd b16, v5p-8 (4 chips)": ("v5p-8", 16, training("v5p-8", 16, 1)),
+    "tsd b16, v6e-8": ("v6e-8", 16, training("v6e-8", 16, 1)),
+    "tsd b64, v5e-64 (16 hosts) fsdp 8": ("v5e-64", 64, training("v5e-64", 64, 8)),
+}
+
+
+def run(name: str) -> dict:
+    slice_name, images, build = CASES[name]
+    chip = tpus.parse(slice_name).chip
+    try:
+        plan = build().plan()
+    except Exception as e:  # noqa: BLE001 -- reported in the table
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
+                "traceback": traceback.format_exc(limit=-4)}
+    flops, moved = plan.xla_cost.get("flops", 0.0), plan.xla_cost.get("bytes accessed", 0.0)
+    bound = max(flops / chip.bf16_flops, moved / chip.bandwidth)
+    chips = 1 if name.startswith("infer") else tpus.parse(slice_name).chips
+    return {"slice": slice_name, "peak_gib": plan.peak_bytes / GIB,
+            "fits": plan.peak_bytes <= chip.memory_bytes,
+            "collective_gib": plan.collective_bytes / GIB, "tflops": flops / 1e12,
+            "bytes_gib": moved / GIB, "bound_ms": bound * 1e3,
+            "xla_optimal_s": plan.xla_cost.get("optimal_seconds"),
+            "usd_per_1000": bound * chips * chip.usd_per_chip_hour / 3600 / images * 1000,
+            "pallas_kernels": plan.hlo.count('custom_call_target="tpu_custom_call"'),
+            "compile_s": plan.compile_s}
+
+
+def table(results: dict[str, dict]) -> str:
+    rows = [("| program (per chip) | peak GiB | fits | collectives GiB | TFLOP | bound ms "
+             "| XLA optimal_seconds | $ per 1000 images or steps (bound) |"),
+            "|---|---|---|---|---|---|---|---|"]
+    for name in CASES:
+        r = results.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            rows.append(f"| {name} | {r['error']} | | | | | | |")
+            continue
+        rows.append(f"| {name} | {r['peak_gib']:.2f} | {'yes' if r['fits'] else 'no'} | "
+                    f"{r['collective_gib']:.2f} | {r['tflops']:.1f} | {r['bound_ms']:.1f} | "
+                    f"{r['xla_optimal_s']} | {r['usd_per_1000']:.3f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--case", action="append", choices=list(CASES))
+    args = p.parse_args()
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    for name in args.case or list(CASES):
+        results[name] = run(name)
+        print(name, {k: v for k, v in results[name].items() if k != "traceback"}, flush=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(args.json)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
