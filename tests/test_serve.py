@@ -86,7 +86,7 @@ def sr_of(path: Path, tmp: Path) -> dict[str, np.ndarray]:
     {name: SR}."""
     out = tmp / "infer"
     assert infer.main(["--model", "tiny", "--precision", "fp32", "-i", str(path),
-                       "-o", str(out), "--workers", "1"]) == 0
+                       "-o", str(out), "--workers", "1", "--cache-dir", str(tmp / "cache")]) == 0
     return {p.name: np.asarray(Image.open(p)) for p in out.glob("*.png")}
 
 
