@@ -7,6 +7,7 @@ Also the fit check's answer for a TPU slice, and the slice names."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 from test_gpu_compile import gpu_python
@@ -57,3 +58,22 @@ def test_slice_names_as_google_cloud_gives_them(name, topology, hosts, per_host)
 def test_bad_slice_names(name):
     with pytest.raises(tpus.SliceError, match=f"^{name}: "):
         tpus.parse(name)
+
+
+def test_the_tpu_compilers_refusal_is_a_plan_that_does_not_fit():
+    """XLA's TPU compiler refuses a program that does not fit; the plan keeps what it asked."""
+    from tsdsr_jax.aot.plan import compile_plan
+
+    def refuse():
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                           "required for HLO temporaries (22.76G) exceeds available HBM "
+                           "(15.75G). HLO module: jit_step.")
+
+    jitted = types.SimpleNamespace(lower=lambda *a: types.SimpleNamespace(compile=refuse))
+    plan = compile_plan(jitted, ())
+    assert plan.peak_bytes == int(22.76 * 2 ** 30) > tpus.CHIPS["v5e"].memory_bytes
+    assert plan.hlo == ""
+    other = types.SimpleNamespace(lower=lambda *a: types.SimpleNamespace(
+        compile=lambda: 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        compile_plan(other, ())

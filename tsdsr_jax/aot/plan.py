@@ -73,11 +73,24 @@ class Plan:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
+# XLA's TPU compiler refuses a program whose temporaries exceed the chip's memory
+_REFUSED = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM")
+
+
 def compile_plan(jitted: Callable, args: Sequence, kwargs: dict | None = None) -> Plan:
     """Lowers and compiles ``jitted`` for the devices its shardings name; any trace or compile
-    error propagates."""
+    error propagates, but the TPU compiler's refusal of a program that does not fit, which
+    gives a plan of the temporaries it asked for (nothing else known)."""
     tic = time.perf_counter()
-    compiled = jitted.lower(*args, **(kwargs or {})).compile()
+    try:
+        compiled = jitted.lower(*args, **(kwargs or {})).compile()
+    except Exception as e:  # noqa: BLE001 -- jax's runtime error; only the refusal is caught
+        refused = _REFUSED.search(str(e))
+        if refused is None:
+            raise
+        value, unit = refused.groups()
+        temp = int(float(value) * 1024 ** " KMGT".index(unit or " "))
+        return Plan(0, 0, 0, temp, 0, 0.0, 0, 0.0, time.perf_counter() - tic, "")
     compile_s = time.perf_counter() - tic
     m = compiled.memory_analysis()
     text = compiled.as_text()

@@ -110,11 +110,13 @@ def devices(slice_name: str) -> list:
 
     s = parse(slice_name)
     # what libtpu would read off a TPU VM (without them it prints warnings and asks the
-    # metadata server); a real TPU VM's own values stay
+    # metadata server); a real TPU VM's own values stay. Compiling uses no TPU, so processes
+    # that compile at once need not take libtpu's lock (/tmp/libtpu_lockfile) in turn.
     generation, _, count = slice_name.partition("-")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{GCLOUD_NAMES[generation]}-{count}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topology = topologies.get_topology_desc(
             topology_name=s.topology, platform="tpu",
