@@ -35,7 +35,6 @@ CHIPS = {
     "v6e": Chip("TPU v6 lite", 32 * GIB, 1640e9, 918e12, 1, 4, 8, 2.70),
 }
 GCLOUD_NAMES = {"v5e": "v5litepod", "v5p": "v5p", "v6e": "v6e"}  # gcloud's accelerator types
-PRICES_AS_OF = "2025 list prices (cloud.google.com/tpu/pricing), not re-read from this host"
 
 
 class SliceError(ValueError):
@@ -69,8 +68,10 @@ class Slice:
         """The grid of chips on one host, as libtpu takes it."""
         return (*_grid(2, self.chips // self.hosts), 1)
 
-    def usd_per_hour(self) -> float:
-        return self.chips * self.chip.usd_per_chip_hour
+    @property
+    def accelerator_type(self) -> str:
+        """gcloud's name of the slice (``v5litepod-8``)."""
+        return f"{GCLOUD_NAMES[self.generation]}-{self.name.partition('-')[2]}"
 
 
 def _grid(dims: int, chips: int) -> tuple[int, ...]:
@@ -112,8 +113,7 @@ def devices(slice_name: str) -> list:
     # what libtpu would read off a TPU VM (without them it prints warnings and asks the
     # metadata server); a real TPU VM's own values stay. Compiling uses no TPU, so processes
     # that compile at once need not take libtpu's lock (/tmp/libtpu_lockfile) in turn.
-    generation, _, count = slice_name.partition("-")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{GCLOUD_NAMES[generation]}-{count}")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", s.accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
