@@ -70,13 +70,14 @@ def tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def fill(folder: Path) -> Path:
-    """A file that takes all the free space of ``folder``'s file system."""
-    filler = folder / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
+def fill(filler: Path) -> None:
+    """Grows the existing file ``filler`` until its file system is full.
+
+    The file is made beforehand: on a full tmpfs, creating one can itself fail with ENOSPC.
+    """
+    with open(filler, "ab") as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\xff" * (1 << 16))
-    return filler
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +190,14 @@ def test_a_full_disk_at_a_checkpoint(tmp_path, data, cache):
     checkpoint kept, and the same command resumes once there is space."""
     with tmpfs(tmp_path / "disk", "16m") as disk:
         workdir = disk / "run"
+        filler = disk / "filler"
+        filler.touch()
         log = tmp_path / "full.log"
         proc = start(train_command(workdir, data), log, cache)
         wait_for(lambda: len(logged(workdir)) >= 5, proc, log)  # step 4 is checkpointed
         proc.send_signal(signal.SIGSTOP)
         try:
-            filler = fill(disk)
+            fill(filler)
         finally:
             proc.send_signal(signal.SIGCONT)
         code, out = finish(proc, log)

@@ -71,7 +71,11 @@ def _megabytes(n: float) -> str:
 
 class _OrbaxErrors(logging.Filter):
     """Drops the error logs of orbax's threads and of asyncio's tasks that orbax left (each a
-    traceback): a failed save reaches the user once, as a :class:`CheckpointWriteError`."""
+    traceback): a failed save reaches the user once, as a :class:`CheckpointWriteError`.
+
+    A record is orbax's when a frame of its traceback is in orbax, or when it names a
+    checkpoint's temporary folder (tensorstore's errors, set on asyncio futures, carry no
+    Python frames)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
@@ -79,7 +83,9 @@ class _OrbaxErrors(logging.Filter):
         files = [record.pathname]
         if record.exc_info and record.exc_info[2]:
             files += [frame.filename for frame in traceback.extract_tb(record.exc_info[2])]
-        return not any(f"{os.sep}orbax{os.sep}" in f for f in files)
+        if any(f"{os.sep}orbax{os.sep}" in f for f in files):
+            return False
+        return ".orbax-checkpoint-tmp" not in record.getMessage()
 
 
 def _unraisable(previous: Callable) -> Callable:
