@@ -132,16 +132,16 @@ def _collective_bytes(result: str) -> int:
 
 def _computations(text: str) -> tuple[dict[str, list[tuple]], str]:
     """Each computation's instructions as (name, result text, opcode, rest), and the entry's
-    name."""
+    name. An instruction's text may run over several lines (a Pallas kernel's config on TPU);
+    only its first line is kept."""
     computations, current, entry = {}, None, None
     for line in text.splitlines():
-        if (line and not line[0].isspace() and line.rstrip().endswith("{")
-                and not line.startswith("HloModule")):
+        if line.startswith(("%", "ENTRY ")) and line.rstrip().endswith("{"):
             header = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
             current = computations.setdefault(header.lstrip("%"), [])
             if line.startswith("ENTRY"):
                 entry = header.lstrip("%")
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":
             current = None
         elif current is not None and (m := _INSTRUCTION.match(line)):
             current.append(m.groups())
@@ -242,9 +242,21 @@ def _moved_bytes(op: str, result: str, rest: str, sizes: dict[str, int],
     return out + sum(sizes.get(o, 0) for o in operands)
 
 
+def _delivered(result: str, op: str, rest: str, computations: dict[str, list[tuple]]) -> int:
+    """The bytes the collectives of one launch deliver: a collective's own, or those of the
+    collectives inside the computations it calls (GPU's async wrappers; TPU's collective
+    fusions)."""
+    if op.removesuffix("-start") in _COLLECTIVES:
+        return _collective_bytes(result)
+    return sum(_delivered(inner_result, inner_op, inner_rest, computations)
+               for called in re.findall(r"calls=%?([\w.\-]+)", rest)
+               for _, inner_result, inner_op, inner_rest in computations.get(called, []))
+
+
 def hlo_counts(text: str) -> Counts:
     """Kernel launches, FLOPs, collective result bytes and each launch's (FLOPs, bytes) of a
-    compiled GPU program; loop bodies count their trip count times."""
+    compiled program (GPU; on TPU the collective bytes); loop bodies count their trip count
+    times."""
     computations, entry = _computations(text)
     shapes = {name: (_arrays(result)[0][1] if _arrays(result) else [])
               for instructions in computations.values() for name, result, _, _ in instructions}
@@ -268,12 +280,7 @@ def hlo_counts(text: str) -> Counts:
                 counts.kernels += times
                 counts.flops += times * flops
                 counts.costs.extend([(flops, moved)] * times)
-                inner = [op]
-                if op == "async-start":  # a wrapped collective: its computation names it
-                    called = re.search(r"calls=%?([\w.\-]+)", rest)
-                    inner = [i[2] for i in computations.get(called.group(1), [])] if called else []
-                if any(o.removesuffix("-start") in _COLLECTIVES for o in inner):
-                    counts.collective_bytes += times * _collective_bytes(result)
+                counts.collective_bytes += times * _delivered(result, op, rest, computations)
 
     visit(entry, 1)
     return counts

@@ -1,0 +1,65 @@
+"""`tsdsr_jax.aot.plan.hlo_counts` reads the collectives of compiled programs: of XLA's own
+compile over 4 CPU devices, and in the forms of TPU programs (collectives inside fusions,
+instructions whose text runs over several lines)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from test_sharding import cpu_env
+
+from tsdsr_jax.aot.plan import hlo_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# An all-gather of f32[1024] (4 KiB delivered) and an all-reduce of an f32[64] (256 B).
+GATHER_AND_SUM = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((4,), ("d",))
+split, whole = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
+f = jax.jit(lambda x, y: (x, y.reshape(4, 64).sum(0)), in_shardings=(split, split),
+            out_shardings=(whole, whole))
+x = jax.ShapeDtypeStruct((1024,), jnp.float32)
+print(f.lower(x, jax.ShapeDtypeStruct((256,), jnp.float32)).compile().as_text())
+"""
+
+
+def test_collective_bytes_of_a_compiled_program():
+    done = subprocess.run([sys.executable, "-c", GATHER_AND_SUM], cwd=ROOT, env=cpu_env(4),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all-gather" in done.stdout and "all-reduce" in done.stdout
+    assert hlo_counts(done.stdout).collective_bytes == 4096 + 256
+
+
+# The shapes of a TPU program's text (libtpu 0.0.48): a Pallas kernel whose config runs over
+# lines, one of which starts with "}}", then an all-gather inside a collective fusion.
+TPU_FORMS = """HloModule jit_step, is_scheduled=true
+
+%gather (param_0: bf16[128,32]) -> bf16[256,32] {
+  %param_0 = bf16[128,32]{0,1:T(8,128)(2,1)} parameter(0)
+  ROOT %all-gather.1 = bf16[256,32]{0,1:T(8,128)(2,1)} all-gather(%param_0), channel_id=6, \
+replica_groups=[4,2]<=[8], dimensions={0}
+}
+
+ENTRY %main (p0: bf16[128,32], p1: f32[8,128]) -> (bf16[256,32], f32[8,128]) {
+  %p0 = bf16[128,32]{0,1:T(8,128)(2,1)} parameter(0)
+  %p1 = f32[8,128]{1,0:T(8,128)} parameter(1)
+  %custom-call.1 = f32[8,128]{1,0:T(8,128)} custom-call(%p1), custom_call_target="tpu_custom_call", \
+backend_config={"custom_call_config": {"body": "AAAA", "cost_estimate": {"flops": 8},
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="splash"}
+  %fusion.1 = bf16[256,32]{0,1:T(8,128)(2,1)} fusion(%p0), kind=kCustom, calls=%gather
+  ROOT %tuple.1 = (bf16[256,32]{0,1:T(8,128)(2,1)}, f32[8,128]{1,0:T(8,128)}) \
+tuple(%fusion.1, %custom-call.1)
+}
+"""
+
+
+def test_collectives_inside_fusions_after_a_kernel_config_of_several_lines():
+    counts = hlo_counts(TPU_FORMS)
+    assert counts.collective_bytes == 256 * 32 * 2
+    assert counts.kernels == 2  # the Pallas kernel and the fusion
