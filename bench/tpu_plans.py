@@ -103,9 +103,12 @@ def table(results: dict[str, dict]) -> str:
         infer = name.startswith("infer")  # one chip per image batch; a step on the slice
         chips, per = (1, r["images"]) if infer else (s.chips, 1)
         usd = floor * chips * s.chip.usd_per_chip_hour / 3600 / per * 1000
+        collectives = f"{r['collective_gib']:.2f}" if "collective_gib" in r else "not read"
+        optimal = r["xla_optimal_s"]
+        optimal = f"{optimal * 1e3:.1f} ms" if optimal and optimal > 0 else f"{optimal:.0f} (void)"
         rows.append(f"| {name} | {r['peak_gib']:.2f} | {'yes' if r['fits'] else 'no'} | "
-                    f"{r['collective_gib']:.2f} | {r['tflops']:.2f} | {floor * 1e3:.1f} | "
-                    f"{usd:.3f} | {r['bytes_gib']:.0f} | {r['xla_optimal_s']:.0f} |")
+                    f"{collectives} | {r['tflops']:.2f} | {floor * 1e3:.1f} | "
+                    f"{usd:.3f} | {r['bytes_gib']:.0f} | {optimal} |")
     return "\n".join(rows)
 
 

@@ -48,8 +48,8 @@ replica_groups=[4,2]<=[8], dimensions={0}
 ENTRY %main (p0: bf16[128,32], p1: f32[8,128]) -> (bf16[256,32], f32[8,128]) {
   %p0 = bf16[128,32]{0,1:T(8,128)(2,1)} parameter(0)
   %p1 = f32[8,128]{1,0:T(8,128)} parameter(1)
-  %custom-call.1 = f32[8,128]{1,0:T(8,128)} custom-call(%p1), custom_call_target="tpu_custom_call", \
-backend_config={"custom_call_config": {"body": "AAAA", "cost_estimate": {"flops": 8},
+  %custom-call.1 = f32[8,128]{1,0:T(8,128)} custom-call(%p1), \
+custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "AAAA", "cost_estimate": {"flops": 8},
 "xprof_metadata":"{\\"block_q\\": 128}"
 }}, metadata={op_name="splash"}
   %fusion.1 = bf16[256,32]{0,1:T(8,128)(2,1)} fusion(%p0), kind=kCustom, calls=%gather
