@@ -5,13 +5,15 @@ then run with its python):
     .venv-gpu/bin/python bench/tpu_plans.py --json bench/tpu_plans.json [--case NAME ...]
 
 Per program and per chip: the peak (arguments, outputs, temporaries), the bytes its collectives
-deliver, XLA's FLOPs, and the compute floor of its time: those FLOPs over the chip's peak bf16
+deliver, its FLOPs, and the compute floor of its time: those FLOPs over the chip's peak bf16
 FLOP/s (public figures), with its price per 1000 images (inference, one chip) or 1000 steps
 (training, the whole slice) at the on-demand list price.
-XLA's FLOPs leave out the Pallas attention kernel's work, and its "bytes accessed" (printed)
-counts operands before fusion, so no bandwidth floor is drawn from it. XLA's own
-``optimal_seconds`` is printed as given. Results accumulate in ``--json``, one entry per case;
-the table is printed from all of them (``--table``: only that).
+The FLOPs are `tsdsr_jax.aot.plan`'s count of the convolutions and GEMMs in the compiled HLO, loop
+bodies times their trip count; XLA's own count (printed beside) takes each loop body once. Both
+leave out the Pallas attention kernel's work. XLA's "bytes accessed" (printed) counts operands
+before fusion, so no bandwidth floor is drawn from it. XLA's own ``optimal_seconds`` is printed
+as given. Results accumulate in ``--json``, one entry per case; the table is printed from all of
+them (``--table``: only that).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import gzip  # noqa: E402
 import json  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -64,7 +67,7 @@ CASES: dict[str, tuple[str, int, Callable]] = {
 }
 
 
-def run(name: str) -> dict:
+def run(name: str, hlo_dir: Path | None = None) -> dict:
     slice_name, images, build = CASES[name]
     chip = tpus.parse(slice_name).chip
     try:
@@ -72,11 +75,15 @@ def run(name: str) -> dict:
     except Exception as e:  # noqa: BLE001 -- reported in the table
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
                 "traceback": traceback.format_exc(limit=-4)}
+    if hlo_dir:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+        (hlo_dir / f"{name}.hlo.gz").write_bytes(gzip.compress(plan.hlo.encode()))
     return {"slice": slice_name, "images": images, "peak_gib": plan.peak_bytes / GIB,
             "refused": not plan.hlo,  # the compiler's refusal: only its temporaries known
             "fits": plan.peak_bytes <= chip.memory_bytes,
             "collective_gib": plan.collective_bytes / GIB,
-            "tflops": plan.xla_cost.get("flops", 0.0) / 1e12,
+            "tflops": plan.flops / 1e12,
+            "xla_tflops": plan.xla_cost.get("flops", 0.0) / 1e12,
             "bytes_gib": plan.xla_cost.get("bytes accessed", 0.0) / GIB,
             "xla_optimal_s": plan.xla_cost.get("optimal_seconds"),
             "pallas_kernels": plan.hlo.count('custom_call_target="tpu_custom_call"'),
@@ -84,30 +91,33 @@ def run(name: str) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    rows = [("| program (per chip) | peak GiB | fits | collectives GiB | XLA TFLOP "
-             "| compute floor ms | $ per 1000 at the floor | XLA bytes GiB | XLA optimal_seconds |"),
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| program (per chip) | peak GiB | fits | collectives GiB | TFLOP | XLA TFLOP "
+             "| compute floor ms | $ per 1000 at the floor | XLA bytes GiB "
+             "| XLA optimal_seconds |"),
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name in CASES:
         r = results.get(name)
         if r is None:
             continue
         if "error" in r:
-            rows.append(f"| {name} | {r['error']} | | | | | | | |")
+            rows.append(f"| {name} | {r['error']} | | | | | | | | |")
             continue
         if r.get("refused"):
             rows.append(f"| {name} | > {r['peak_gib']:.2f} (temporaries; the compiler refuses) "
-                        "| no | | | | | | |")
+                        "| no | | | | | | | |")
             continue
         s = tpus.parse(r["slice"])
-        floor = r["tflops"] * 1e12 / s.chip.bf16_flops
+        tflops = r.get("tflops", r["xla_tflops"])
+        floor = tflops * 1e12 / s.chip.bf16_flops
         infer = name.startswith("infer")  # one chip per image batch; a step on the slice
         chips, per = (1, r["images"]) if infer else (s.chips, 1)
         usd = floor * chips * s.chip.usd_per_chip_hour / 3600 / per * 1000
         collectives = f"{r['collective_gib']:.2f}" if "collective_gib" in r else "not read"
+        ours = f"{r['tflops']:.2f}" if "tflops" in r else "not read"
         optimal = r["xla_optimal_s"]
         optimal = f"{optimal * 1e3:.1f} ms" if optimal and optimal > 0 else f"{optimal:.0f} (void)"
         rows.append(f"| {name} | {r['peak_gib']:.2f} | {'yes' if r['fits'] else 'no'} | "
-                    f"{collectives} | {r['tflops']:.2f} | {floor * 1e3:.1f} | "
+                    f"{collectives} | {ours} | {r['xla_tflops']:.2f} | {floor * 1e3:.1f} | "
                     f"{usd:.3f} | {r['bytes_gib']:.0f} | {optimal} |")
     return "\n".join(rows)
 
@@ -117,10 +127,11 @@ def main() -> None:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--case", action="append", choices=list(CASES))
     p.add_argument("--table", action="store_true", help="only print the table of --json")
+    p.add_argument("--hlo", type=Path, help="keep each compiled program's HLO text here")
     args = p.parse_args()
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     for name in [] if args.table else args.case or list(CASES):
-        results[name] = run(name)
+        results[name] = run(name, args.hlo)
         print(name, {k: v for k, v in results[name].items() if k != "traceback"}, flush=True)
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))

@@ -1,6 +1,6 @@
 """`tsdsr_jax.aot.plan.hlo_counts` reads the collectives of compiled programs: of XLA's own
 compile over 4 CPU devices, and in the forms of TPU programs (collectives inside fusions,
-instructions whose text runs over several lines)."""
+instructions whose text runs over several lines); and the FLOPs of XLA's convolutions."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 from test_sharding import cpu_env
 
 from tsdsr_jax.aot.plan import hlo_counts
@@ -49,7 +51,8 @@ ENTRY %main (p0: bf16[128,32], p1: f32[8,128]) -> (bf16[256,32], f32[8,128]) {
   %p0 = bf16[128,32]{0,1:T(8,128)(2,1)} parameter(0)
   %p1 = f32[8,128]{1,0:T(8,128)} parameter(1)
   %custom-call.1 = f32[8,128]{1,0:T(8,128)} custom-call(%p1), \
-custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "AAAA", "cost_estimate": {"flops": 8},
+custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "AAAA",
+"cost_estimate": {"flops": 8},
 "xprof_metadata":"{\\"block_q\\": 128}"
 }}, metadata={op_name="splash"}
   %fusion.1 = bf16[256,32]{0,1:T(8,128)(2,1)} fusion(%p0), kind=kCustom, calls=%gather
@@ -63,3 +66,15 @@ def test_collectives_inside_fusions_after_a_kernel_config_of_several_lines():
     counts = hlo_counts(TPU_FORMS)
     assert counts.collective_bytes == 256 * 32 * 2
     assert counts.kernels == 2  # the Pallas kernel and the fusion
+
+
+def test_convolution_flops_of_a_compiled_program():
+    """A 3x3 convolution of 5 to 7 channels on 2 images of 9x11 (same padding), in XLA's own
+    `convolution` op (the form a TPU program's GEMMs take too)."""
+    x = jax.ShapeDtypeStruct((2, 9, 11, 5), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 5, 7), jnp.float32)
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    text = conv.lower(x, w).compile().as_text()
+    assert " convolution(" in text
+    assert hlo_counts(text).flops == 2 * (2 * 9 * 11 * 7) * (3 * 3 * 5)

@@ -158,6 +158,10 @@ def _flops(op: str, result: str, rest: str, shapes: dict[str, list[int]],
         k = math.prod(dims(0)[int(i)] for i in contracting.group(1).split(",") if i) \
             if contracting and dims(0) else 1
         return 2.0 * math.prod(out) * k
+    if op == "convolution":  # XLA's own (TPU): a GEMM too; per output, the filter less "o"
+        labels, kernel = re.search(r"dim_labels=\w+_(\w+)->", rest), dims(1)
+        return 2.0 * math.prod(out) * math.prod(kernel) / kernel[labels.group(1).index("o")] \
+            if labels and kernel else 0.0
     if op == "fusion":
         called = re.search(r"calls=%?([\w.\-]+)", rest)
         return sum(_flops(op, result, rest, shapes, computations)
