@@ -107,18 +107,22 @@ def table(results: dict[str, dict]) -> str:
                         "| no | | | | | | | |")
             continue
         s = tpus.parse(r["slice"])
-        tflops = r.get("tflops", r["xla_tflops"])
-        floor = tflops * 1e12 / s.chip.bf16_flops
         infer = name.startswith("infer")  # one chip per image batch; a step on the slice
+        # XLA's count is whole where there is no loop: inference (the TSD step scans its N steps)
+        tflops = r.get("tflops", r["xla_tflops"] if infer else None)
         chips, per = (1, r["images"]) if infer else (s.chips, 1)
-        usd = floor * chips * s.chip.usd_per_chip_hour / 3600 / per * 1000
+        floor = usd = "not read"
+        if tflops is not None:
+            seconds = tflops * 1e12 / s.chip.bf16_flops
+            floor = f"{seconds * 1e3:.1f}"
+            usd = f"{seconds * chips * s.chip.usd_per_chip_hour / 3600 / per * 1000:.3f}"
         collectives = f"{r['collective_gib']:.2f}" if "collective_gib" in r else "not read"
         ours = f"{r['tflops']:.2f}" if "tflops" in r else "not read"
         optimal = r["xla_optimal_s"]
         optimal = f"{optimal * 1e3:.1f} ms" if optimal and optimal > 0 else f"{optimal:.0f} (void)"
         rows.append(f"| {name} | {r['peak_gib']:.2f} | {'yes' if r['fits'] else 'no'} | "
-                    f"{collectives} | {ours} | {r['xla_tflops']:.2f} | {floor * 1e3:.1f} | "
-                    f"{usd:.3f} | {r['bytes_gib']:.0f} | {optimal} |")
+                    f"{collectives} | {ours} | {r['xla_tflops']:.2f} | {floor} | {usd} | "
+                    f"{r['bytes_gib']:.0f} | {optimal} |")
     return "\n".join(rows)
 
 
