@@ -259,8 +259,8 @@ def _delivered(result: str, op: str, rest: str, computations: dict[str, list[tup
 
 def hlo_counts(text: str) -> Counts:
     """Kernel launches, FLOPs, collective result bytes and each launch's (FLOPs, bytes) of a
-    compiled program (GPU; on TPU the collective bytes); loop bodies count their trip count
-    times."""
+    compiled program (launches and bytes as a GPU runs them; FLOPs and collectives on TPU
+    too); loop bodies count their trip count times."""
     computations, entry = _computations(text)
     shapes = {name: (_arrays(result)[0][1] if _arrays(result) else [])
               for instructions in computations.values() for name, result, _, _ in instructions}

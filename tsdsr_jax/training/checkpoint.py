@@ -85,7 +85,7 @@ class _OrbaxErrors(logging.Filter):
             files += [frame.filename for frame in traceback.extract_tb(record.exc_info[2])]
         if any(f"{os.sep}orbax{os.sep}" in f for f in files):
             return False
-        return ".orbax-checkpoint-tmp" not in record.getMessage()
+        return TMP_SUFFIX not in record.getMessage()
 
 
 def _unraisable(previous: Callable) -> Callable:
