@@ -41,11 +41,13 @@ def inference(slice_name: str, batch: int, attention: str) -> Callable:
                                       (128, 128), tpus.devices(slice_name)[:1])
 
 
-def training(slice_name: str, batch: int, fsdp: int, attention: str = "splash") -> Callable:
+def training(slice_name: str, batch: int, fsdp: int, attention: str = "splash",
+             remat: str | None = None) -> Callable:
     def build():
         config = tsd.get_config()
         config.model, config.attention_impl, config.batch_size = "sd3-medium", attention, batch
         config.sharding.fsdp = fsdp
+        config.remat_policy = remat or config.remat_policy
         return programs.training(config, tpus.devices(slice_name))
     return build
 
@@ -61,6 +63,7 @@ CASES: dict[str, tuple[str, int, Callable]] = {
     "tsd b8, v5e-8 fsdp 8, splash": ("v5e-8", 8, training("v5e-8", 8, 8)),
     "tsd b8, v5e-8 fsdp 8, xla": ("v5e-8", 8, training("v5e-8", 8, 8, "xla")),
     "tsd b16, v5e-8 fsdp 8, splash": ("v5e-8", 16, training("v5e-8", 16, 8)),
+    "tsd b16, v5e-8 fsdp 8, remat full": ("v5e-8", 16, training("v5e-8", 16, 8, remat="full")),
     "tsd b16, v5p-8 (4 chips)": ("v5p-8", 16, training("v5p-8", 16, 1)),
     "tsd b16, v6e-8": ("v6e-8", 16, training("v6e-8", 16, 1)),
     "tsd b64, v5e-64 (16 hosts) fsdp 8": ("v5e-64", 64, training("v5e-64", 64, 8)),

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from conftest import rel_err
 from tsdsr_jax.conversion.torch_layout import match, to_flax
 from tsdsr_jax.io import tree
-from tsdsr_jax.models import lora
+from tsdsr_jax.models import lora, splash
 from tsdsr_jax.models.vae import (
     AutoencoderKL,
     GroupNorm,
@@ -34,6 +34,13 @@ TINY_QUANT = {
     "mid_block_add_attention": False}
 SIZES = [(32, 32), (24, 40)]
 TOL = 1e-5
+
+
+@pytest.fixture
+def interpreted_splash(monkeypatch):
+    """attention_impl="splash" runs the Pallas kernel in its interpreter (this host has no TPU)."""
+    monkeypatch.setattr(splash, "splash_attention",
+                        functools.partial(splash.splash_attention, interpret=True))
 
 
 def diffusers_config(d):
@@ -158,6 +165,8 @@ def test_config_round_trip_and_rejects_unsupported():
         VAEConfig.from_diffusers({**official, "down_block_types": ["AttnDownEncoderBlock2D"] * 4})
     with pytest.raises(ValueError, match="norm_type"):
         VAEConfig.from_diffusers({**official, "norm_type": "spatial"})
+    with pytest.raises(ValueError, match="attention_impl 'flash'"):
+        VAEConfig(attention_impl="flash")
 
 
 def test_bfloat16_stays_close():
@@ -199,12 +208,14 @@ def test_query_chunked_attention_is_exact():
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", [None, "full"])
-def test_gradients_match_torch_with_and_without_remat(policy):
+@pytest.mark.parametrize("policy,attention", [(None, None), ("full", None), ("full", "splash")])
+def test_gradients_match_torch_with_and_without_remat(policy, attention, interpreted_splash):
     """The input gradient through encode (posterior mean) and decode equals torch autograd on
-    diffusers' VAE, plain and with every block rematerialised (as training runs it)."""
+    diffusers' VAE, plain and with every block rematerialised (as training runs it), and with
+    the mid-block attention in the splash kernel (as a TPU runs it)."""
     vae = torch_vae(TINY, seed=2)
-    cfg = VAEConfig.from_diffusers(diffusers_config(TINY) | {"remat_policy": policy})
+    cfg = VAEConfig.from_diffusers(diffusers_config(TINY) | {"remat_policy": policy,
+                                                             "attention_impl": attention})
     params = convert_params(cfg, vae)
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, (1, 24, 40, 3)).astype(np.float32)
@@ -252,11 +263,13 @@ def test_group_norm_statistics_with_a_large_mean():
     assert rel_err(got, want.permute(0, 2, 3, 1).numpy()) <= TOL
 
 
-@pytest.mark.parametrize("d", [TINY, TINY_QUANT], ids=["plain", "quant"])
-def test_padded_batch_matches_diffusers_per_image(d):
+@pytest.mark.parametrize("d,attention", [(TINY, None), (TINY_QUANT, None), (TINY, "splash")],
+                         ids=["plain", "quant", "plain-splash"])
+def test_padded_batch_matches_diffusers_per_image(d, attention, interpreted_splash):
     """Images of two sizes in one padded batch (garbage beyond each ``extent``) give, inside
-    their extents, what diffusers gives for each image alone."""
-    cfg = VAEConfig.from_diffusers(diffusers_config(d))
+    their extents, what diffusers gives for each image alone; also with the mid-block attention
+    in the splash kernel (its real tokens a region of the latent grid)."""
+    cfg = VAEConfig.from_diffusers(diffusers_config(d) | {"attention_impl": attention})
     vae = torch_vae(d)
     params = convert_params(cfg, vae)
     f = cfg.downscale_factor

@@ -148,10 +148,11 @@ class Pipeline:
         if "default" not in model.embeddings:
             raise ValueError(f"{model.path}: no default-prompt embeddings "
                              "(convert with --embeddings)")
+        attention = attention_impl(config)[0]
         self.nets = Networks(
             MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype,
-                                      attention_impl=attention_impl(config)[0])),
-            AutoencoderKL(dataclasses.replace(model.vae_config,
+                                      attention_impl=attention)),
+            AutoencoderKL(dataclasses.replace(model.vae_config, attention_impl=attention,
                                               dtype=model.vae_config.compute_dtype(dtype))))
         prepare = functools.partial(inference_params, config=self.nets.mmdit.config,
                                     vae_dtype=self.nets.vae.config.dtype)
@@ -275,9 +276,9 @@ class Pipeline:
     def dispatch(self, images: Sequence[np.ndarray], ids: Sequence[int], rng: jax.Array,
                  cls: SizeClass | None = None) -> tuple[jax.Array, jax.Array]:
         """Starts a batch of uint8 LR images (h, w, 3) of one size class (``cls``, if known) on
-        the device and returns their SR canvases (B, H, W, 3) uint8 and whether each is finite (B,), without
-        waiting (image b's SR is its top-left ``upscale·h x upscale·w``); with a mesh, B must
-        be a multiple of its size."""
+        the device and returns their SR canvases (B, H, W, 3) uint8 and whether each is finite
+        (B,), without waiting (image b's SR is its top-left ``upscale·h x upscale·w``); with a
+        mesh, B must be a multiple of its size."""
         if self.mesh is not None and len(images) % self.mesh.size:
             raise ValueError(f"a batch of {len(images)} does not split over "
                              f"{self.mesh.size} devices")

@@ -356,8 +356,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     are real; the rest attend to nothing and are attended to by nothing (their output is 0)."""
     length = q.shape[1]
     if implementation == "splash":  # pads and masks itself
-        out = splash.splash_attention(q, k, v, lengths)
-        return out if lengths is None else _zero_beyond(out, lengths)
+        if lengths is None:
+            return splash.splash_attention(q, k, v)
+        real = jnp.arange(length)[None, :] < lengths[:, None]
+        return _zero_beyond(splash.splash_attention(q, k, v, real), lengths)
     if implementation == "cudnn":
         pad_multiple = pad_multiple or CUDNN_SEQ_MULTIPLE
     pad = -length % pad_multiple if pad_multiple else 0

@@ -2,18 +2,18 @@
 tpu``): flash attention's blockwise softmax, forward and backward, that never holds the
 (L, L) scores in HBM.
 
-The kernel tiles the sequence in blocks of :data:`BLOCK`, so the joint sequence (SD3 at 512²:
-1357 tokens) is zero-padded to a multiple of it. Segment ids keep the padding out exactly: the
-real tokens are segment 1 and attend only to each other, the padding is segment 0 (its rows are
-dropped). The kernel does not scale the logits, so the queries are scaled first. XLA cannot
-split a Pallas kernel over devices itself: under a mesh (:func:`tsdsr_jax.sharding.activate`)
-each device runs it on its own part of the batch (``shard_map``). Off a TPU it runs only in
-Pallas's interpreter (``interpret=True``: the tests, against torch's SDPA).
+It runs the MMDiT's joint attention (SD3 at 512²: 1357 tokens, 24 heads) and the VAE's mid-block
+attention (4096 positions, one head of 512). The kernel tiles the sequence in blocks of
+:data:`BLOCK`, so the sequence is zero-padded to a multiple of it. Segment ids keep the padding
+out exactly: the real tokens are segment 1 and attend only to each other, the padding is
+segment 0 (its rows are dropped). The kernel does not scale the logits, so the queries are
+scaled first. XLA cannot split a Pallas kernel over devices itself: under a mesh
+(:func:`tsdsr_jax.sharding.activate`) each device runs it on its own part of the batch
+(``shard_map``). Off a TPU it runs only in Pallas's interpreter (``interpret=True``: the tests,
+against torch's SDPA).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,21 +26,22 @@ from tsdsr_jax.sharding import BATCH
 BLOCK = 128
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(length: int, heads: int, interpret: bool) -> kernel.SplashAttentionKernel:
     blocks = kernel.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK,
                                block_q_dkv=BLOCK, block_kv_dkv=BLOCK,
                                block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
+    # built in each call's own trace (about 60 ms): its mask arrays become that trace's
+    # constants; a kernel kept from an earlier trace (another remat block's) would leak them
     full = masks.MultiHeadMask([masks.FullMask((length, length))] * heads)
     return kernel.make_splash_mha(full, block_sizes=blocks, head_shards=1, q_seq_shards=1,
                                   interpret=interpret)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     lengths: jax.Array | None = None, interpret: bool = False) -> jax.Array:
+                     real: jax.Array | None = None, interpret: bool = False) -> jax.Array:
     """Softmax attention over ``(B, L, heads, head_dim)``, as ``jax.nn.dot_product_attention``;
-    ``lengths`` (B,): only each sequence's first ``lengths`` tokens take part (the other rows'
-    output is left undefined, for the caller to drop)."""
+    ``real`` (B, L) bools: only the tokens where it is true take part, attending to each other
+    (the other rows' output is left undefined, for the caller to drop)."""
     b, length, heads, head_dim = q.shape
     padded = -(-length // BLOCK) * BLOCK
     scale = head_dim ** -0.5
@@ -49,8 +50,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
         return (x * jnp.asarray(factor, x.dtype)).transpose(0, 2, 1, 3)
 
-    real = jnp.full((b,), length, jnp.int32) if lengths is None else lengths
-    segments = (jnp.arange(padded)[None, :] < real[:, None]).astype(jnp.int32)
+    real = jnp.ones((b, length), bool) if real is None else real
+    segments = jnp.pad(real, ((0, 0), (0, padded - length))).astype(jnp.int32)
     attend = _kernel(padded, heads, interpret)
     local = jax.vmap(lambda q, k, v, s: attend(q, k, v, segment_ids=kernel.SegmentIds(s, s)))
     mesh = jax.sharding.get_abstract_mesh()

@@ -15,6 +15,12 @@ input, which lies at the top left of a larger padded array (a size class of
 computes on the image alone: every spatial convolution sees zeros beyond it, GroupNorm takes its
 statistics over it, and the mid-block attention attends to it only. The padding's outputs are
 undefined.
+
+The mid-block attention is one head over all H·W latent positions (4096 at 512²). By default it
+runs in XLA in query chunks (:func:`single_head_attention`); with ``attention_impl="splash"``
+(what a TPU resolves "auto" to, as for the MMDiT) it runs in the Pallas splash kernel, which
+keeps the (T, T) scores on chip: XLA's own fusion of their backward pass at two 512² images
+per chip asks for more than a v6e's 128 MiB of on-chip VMEM.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsdsr_jax.models import remat
+from tsdsr_jax.models import remat, splash
 from tsdsr_jax.models.extent import region_mask, zero_outside
 from tsdsr_jax.models.lora import Conv, Dense
+from tsdsr_jax.models.mmdit import ATTENTION_IMPLS
 
 Dtype = Any
 PyTree = Any
@@ -44,8 +51,8 @@ _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpD
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """diffusers' ``AutoencoderKL`` config (same names and defaults) plus the compute ``dtype``
-    and the ``remat_policy`` of training."""
+    """diffusers' ``AutoencoderKL`` config (same names and defaults) plus the compute ``dtype``,
+    the ``remat_policy`` of training and the mid-block's ``attention_impl`` (MMDiT's names)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -61,11 +68,14 @@ class VAEConfig:
     force_upcast: bool = True  # a float16 run computes this VAE in float32
     dtype: Dtype = jnp.float32
     remat_policy: str | None = None  # rematerialise each down/up/mid block: see remat.POLICIES
+    attention_impl: str | None = None  # "splash": the Pallas TPU kernel; else XLA, chunked
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         remat.check(self.remat_policy)
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unsupported attention_impl {self.attention_impl!r}")
 
     @classmethod
     def sd3(cls, dtype: Dtype = jnp.float32) -> VAEConfig:
@@ -223,6 +233,7 @@ class Attention(nn.Module):
 
     groups: int
     dtype: Dtype
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
@@ -230,7 +241,10 @@ class Attention(nn.Module):
         h = GroupNorm(self.groups, name="group_norm")(x, extent).reshape(b, height * width, c)
         q, k, v = (Dense(c, dtype=self.dtype, name=name)(h) for name in ("to_q", "to_k", "to_v"))
         keys = None if extent is None else region_mask(extent, height, width).reshape(b, -1)
-        h = single_head_attention(q, k, v, key_mask=keys)
+        if self.attention_impl == "splash":
+            h = splash.splash_attention(q[:, :, None], k[:, :, None], v[:, :, None], keys)[:, :, 0]
+        else:
+            h = single_head_attention(q, k, v, key_mask=keys)
         h = Dense(c, dtype=self.dtype, name="to_out.0")(h.astype(v.dtype))
         return x + h.reshape(x.shape)
 
@@ -293,13 +307,15 @@ class MidBlock(nn.Module):
     groups: int
     add_attention: bool
     dtype: Dtype
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
         x = ResnetBlock(c, self.groups, self.dtype, name="resnets.0")(x, extent)
         if self.add_attention:
-            x = Attention(self.groups, self.dtype, name="attentions.0")(x, extent)
+            x = Attention(self.groups, self.dtype, self.attention_impl, name="attentions.0")(
+                x, extent)
         return ResnetBlock(c, self.groups, self.dtype, name="resnets.1")(x, extent)
 
 
@@ -356,7 +372,8 @@ class Encoder(nn.Module):
             x = nn.with_logical_constraint(x, _IMAGES)
             if down and extent is not None:
                 extent = extent // 2
-        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(
+        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, cfg.attention_impl,
+                name="mid_block")(
             x, extent)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x, extent))
         return Conv(2 * cfg.latent_channels, padding=1, dtype=dtype, name="conv_out")(
@@ -374,7 +391,8 @@ class Decoder(nn.Module):
         channels = cfg.block_out_channels[::-1]
         stack, mid = _blocks(cfg)
         x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(zero_outside(z, extent))
-        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(
+        x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, cfg.attention_impl,
+                name="mid_block")(
             x, extent)
         for i, c in enumerate(channels):
             up = i < len(channels) - 1

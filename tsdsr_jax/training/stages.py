@@ -32,13 +32,14 @@ from tsdsr_jax.training.run_config import ConfigError
 
 def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> Networks:
     """The MMDiT and the VAE in the compute precision, both rematerialised by
-    ``config.remat_policy``, the MMDiT with ``config.attention_impl``."""
+    ``config.remat_policy`` and both with ``config.attention_impl``."""
     dtype = PRECISIONS[config.precision]
     remat = None if config.remat_policy == "none" else config.remat_policy
     mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype, remat_policy=remat,
                                       attention_impl=config.attention_impl))
     vae = AutoencoderKL(dataclasses.replace(model.vae_config, remat_policy=remat,
-                                            dtype=model.vae_config.compute_dtype(dtype)))
+                                            dtype=model.vae_config.compute_dtype(dtype),
+                                            attention_impl=config.attention_impl))
     return Networks(mmdit, vae)
 
 
