@@ -1,6 +1,7 @@
 """`tsdsr_jax.aot.plan.hlo_counts` reads the collectives of compiled programs: of XLA's own
 compile over 4 CPU devices, and in the forms of TPU programs (collectives inside fusions,
-instructions whose text runs over several lines); and the FLOPs of XLA's convolutions."""
+instructions whose text runs over several lines, loops without a known trip count); and the
+FLOPs of XLA's convolutions."""
 
 from __future__ import annotations
 
@@ -66,6 +67,48 @@ def test_collectives_inside_fusions_after_a_kernel_config_of_several_lines():
     counts = hlo_counts(TPU_FORMS)
     assert counts.collective_bytes == 256 * 32 * 2
     assert counts.kernels == 2  # the Pallas kernel and the fusion
+
+
+# A TPU program's while loop (libtpu 0.0.48) carries no known_trip_count: its condition compares
+# the counter with a constant, and the counter starts from a constant (through a copy) in the
+# loop's initial tuple. Here from 1 to 4: three trips of a 8x16 by 16x32 dot.
+TPU_LOOP = """HloModule jit_step, is_scheduled=true
+
+%body (param: (s32[], f32[8,16], f32[16,32])) -> (s32[], f32[8,16], f32[16,32]) {
+  %param = (s32[]{:T(128)}, f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%param), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%param), index=1
+  %w = f32[16,32]{1,0} get-tuple-element(%param), index=2
+  %dot.1 = f32[8,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[]{:T(128)} constant(1)
+  %next = s32[]{:T(128)} add(%i, %one)
+  ROOT %out = (s32[]{:T(128)}, f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%next, %x, %w)
+}
+
+%cond (param.1: (s32[], f32[8,16], f32[16,32])) -> pred[] {
+  %constant.2 = s32[]{:T(128)} constant(4)
+  %param.1 = (s32[]{:T(128)}, f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %counter = s32[]{:T(128)} get-tuple-element(%param.1), index=0
+  ROOT %lt.1 = pred[]{:T(512)} compare(%counter, %constant.2), direction=LT, \
+backend_config={"flag_configs":[]}
+}
+
+ENTRY %main (p0: f32[8,16], p1: f32[16,32]) -> (s32[], f32[8,16], f32[16,32]) {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %p1 = f32[16,32]{1,0} parameter(1)
+  %constant.1 = s32[]{:T(128)} constant(1)
+  %copy.1 = s32[]{:T(128)} copy(%constant.1)
+  %tuple.1 = (s32[]{:T(128)}, f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%copy.1, %p0, %p1)
+  ROOT %while.1 = (s32[]{:T(128)}, f32[8,16]{1,0}, f32[16,32]{1,0}) while(%tuple.1), \
+condition=%cond, body=%body
+}
+"""
+
+
+def test_a_tpu_loop_counts_its_trips():
+    counts = hlo_counts(TPU_LOOP)
+    assert counts.flops == 3 * 2 * 8 * 32 * 16
+    assert counts.kernels == 1 + 3 * 2  # the copy; the dot and the add, each trip
 
 
 def test_convolution_flops_of_a_compiled_program():

@@ -257,6 +257,44 @@ def _delivered(result: str, op: str, rest: str, computations: dict[str, list[tup
                for _, inner_result, inner_op, inner_rest in computations.get(called, []))
 
 
+def _scalar(name: str, instructions: list[tuple]) -> int | None:
+    """The integer value of ``name`` in one computation: a constant, through copies."""
+    for own, _, op, rest in instructions:
+        if own == name:
+            if op == "constant":
+                value = re.match(r"(-?\d+)\)", rest)
+                return int(value.group(1)) if value else None
+            if op in ("copy", "bitcast"):
+                return _scalar(re.match(r"%?([\w.\-]+)", rest).group(1), instructions)
+            return None
+    return None
+
+
+def _trip_count(rest: str, caller: list[tuple], computations: dict[str, list[tuple]]) -> int:
+    """A while loop's trip count: XLA's ``known_trip_count`` (GPU and CPU programs give it);
+    else, as a TPU program leaves it, from a condition ``counter < N`` on a constant N and the
+    counter's constant start in the loop's initial tuple; else 1."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+    if known:
+        return int(known.group(1))
+    condition = computations.get(re.search(r"condition=%?([\w.\-]+)", rest).group(1), [])
+    initial = re.match(r"%?([\w.\-]+)\)", rest)
+    for _, _, op, args in condition:
+        if op != "compare" or "direction=LT" not in args:
+            continue
+        counter, bound = re.findall(r"%([\w.\-]+)", args.split(")")[0])[:2]
+        index = next((re.search(r"index=(\d+)", r) for own, _, o, r in condition
+                      if own == counter and o == "get-tuple-element"), None)
+        tuple_ = next((r for own, _, o, r in caller if initial and own == initial.group(1)
+                       and o == "tuple"), None)
+        if index is None or tuple_ is None or _scalar(bound, condition) is None:
+            return 1
+        start = re.findall(r"%([\w.\-]+)", tuple_.split(")")[0])[int(index.group(1))]
+        first = _scalar(start, caller)
+        return 1 if first is None else max(_scalar(bound, condition) - first, 0)
+    return 1
+
+
 def hlo_counts(text: str) -> Counts:
     """Kernel launches, FLOPs, collective result bytes and each launch's (FLOPs, bytes) of a
     compiled program (launches and bytes as a GPU runs them; FLOPs and collectives on TPU
@@ -271,9 +309,8 @@ def hlo_counts(text: str) -> Counts:
     def visit(name: str, times: int) -> None:
         for _, result, op, rest in computations.get(name, []):
             if op == "while":
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
                 visit(re.search(r"body=%?([\w.\-]+)", rest).group(1),
-                      times * (int(trip.group(1)) if trip else 1))
+                      times * _trip_count(rest, computations[name], computations))
             elif op in ("call", "conditional"):
                 for called in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)",
                                          rest):
