@@ -67,6 +67,8 @@ CASES: dict[str, tuple[str, int, Callable]] = {
     "tsd b16, v5p-8 (4 chips)": ("v5p-8", 16, training("v5p-8", 16, 1)),
     "tsd b16, v6e-8": ("v6e-8", 16, training("v6e-8", 16, 1)),
     "tsd b64, v5e-64 (16 hosts) fsdp 8": ("v5e-64", 64, training("v5e-64", 64, 8)),
+    "tsd b64, v5e-64 (16 hosts) fsdp 8, remat full": ("v5e-64", 64,
+                                                      training("v5e-64", 64, 8, remat="full")),
 }
 
 
