@@ -279,19 +279,20 @@ def _trip_count(rest: str, caller: list[tuple], computations: dict[str, list[tup
         return int(known.group(1))
     condition = computations.get(re.search(r"condition=%?([\w.\-]+)", rest).group(1), [])
     initial = re.match(r"%?([\w.\-]+)\)", rest)
+    tuple_ = next((r for own, _, o, r in caller if initial and own == initial.group(1)
+                   and o == "tuple"), None)
     for _, _, op, args in condition:
         if op != "compare" or "direction=LT" not in args:
             continue
         counter, bound = re.findall(r"%([\w.\-]+)", args.split(")")[0])[:2]
         index = next((re.search(r"index=(\d+)", r) for own, _, o, r in condition
                       if own == counter and o == "get-tuple-element"), None)
-        tuple_ = next((r for own, _, o, r in caller if initial and own == initial.group(1)
-                       and o == "tuple"), None)
-        if index is None or tuple_ is None or _scalar(bound, condition) is None:
+        last = _scalar(bound, condition)
+        if index is None or tuple_ is None or last is None:
             return 1
         start = re.findall(r"%([\w.\-]+)", tuple_.split(")")[0])[int(index.group(1))]
         first = _scalar(start, caller)
-        return 1 if first is None else max(_scalar(bound, condition) - first, 0)
+        return 1 if first is None else max(last - first, 0)
     return 1
 
 
