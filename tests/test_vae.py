@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
+from jax.ad_checkpoint import print_saved_residuals
 from peft import LoraConfig, get_peft_model_state_dict
 
 from conftest import rel_err
@@ -208,13 +209,18 @@ def test_query_chunked_attention_is_exact():
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy,attention", [(None, None), ("full", None), ("full", "splash")])
-def test_gradients_match_torch_with_and_without_remat(policy, attention, interpreted_splash):
+@pytest.mark.parametrize("policy,norms,attention", [(None, False, None), (None, True, None),
+                                                    ("full", True, None),
+                                                    ("full", True, "splash")])
+def test_gradients_match_torch_with_and_without_remat(policy, norms, attention,
+                                                      interpreted_splash):
     """The input gradient through encode (posterior mean) and decode equals torch autograd on
-    diffusers' VAE, plain and with every block rematerialised (as training runs it), and with
-    the mid-block attention in the splash kernel (as a TPU runs it)."""
+    diffusers' VAE: plain; with the GroupNorms recomputed in the backward pass (as training
+    runs it), alone and with every block rematerialised; and with the mid-block attention in
+    the splash kernel (as a TPU runs it)."""
     vae = torch_vae(TINY, seed=2)
     cfg = VAEConfig.from_diffusers(diffusers_config(TINY) | {"remat_policy": policy,
+                                                             "remat_norms": norms,
                                                              "attention_impl": attention})
     params = convert_params(cfg, vae)
     rng = np.random.default_rng(2)
@@ -297,3 +303,19 @@ def test_padded_batch_matches_diffusers_per_image(d, attention, interpreted_spla
         assert rel_err(np.asarray(mean[b, :h // f, :w // f]), nhwc(dist.mean)[0]) <= TOL
         assert rel_err(np.asarray(logvar[b, :h // f, :w // f]), nhwc(dist.logvar)[0]) <= TOL
         assert rel_err(np.asarray(out[b, :h, :w]), ref[0]) <= TOL
+
+
+@pytest.mark.parametrize("remat_norms", [False, True])
+def test_remat_norms_stores_nothing_computed_in_a_group_norm(remat_norms, capsys):
+    """With ``remat_norms`` (as training runs it) the decoder's backward pass keeps nothing
+    computed inside a GroupNorm or its SiLU, by jax's own list of the saved residuals; without
+    it, it keeps their float32 intermediates."""
+    cfg = VAEConfig(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+                    dtype=jnp.bfloat16, remat_norms=remat_norms)
+    model = AutoencoderKL(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    decode = lambda z: model.apply({"params": params}, z, method="decode").sum()  # noqa: E731
+    print_saved_residuals(decode, jnp.zeros((1, 8, 8, 4), jnp.bfloat16))
+    inside = [line for line in capsys.readouterr().out.splitlines()
+              if "(GroupNorm.__call__)" in line or "(group_moments)" in line]
+    assert bool(inside) != remat_norms, inside

@@ -21,6 +21,11 @@ runs in XLA in query chunks (:func:`single_head_attention`); with ``attention_im
 (what a TPU resolves "auto" to, as for the MMDiT) it runs in the Pallas splash kernel, which
 keeps the (T, T) scores on chip: XLA's own fusion of their backward pass at two 512² images
 per chip asks for more than a v6e's 128 MiB of on-chip VMEM.
+
+With ``remat_norms`` (training sets it) each GroupNorm and the SiLU after it are recomputed in
+the backward pass from their bfloat16 input instead of stored. XLA's TPU compiler otherwise keeps
+float32 copies of them: the decoder's input gradient at two 512² images per v6e chip needs
+15.9 GiB of temporaries, and 3.0 GiB with them recomputed (2.4 and 2.3 on an H200).
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpD
 @dataclass(frozen=True)
 class VAEConfig:
     """diffusers' ``AutoencoderKL`` config (same names and defaults) plus the compute ``dtype``,
-    the ``remat_policy`` of training and the mid-block's ``attention_impl`` (MMDiT's names)."""
+    the ``remat_policy`` of training, its ``remat_norms`` (see the module's docstring) and the
+    mid-block's ``attention_impl`` (MMDiT's names)."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -68,6 +74,7 @@ class VAEConfig:
     force_upcast: bool = True  # a float16 run computes this VAE in float32
     dtype: Dtype = jnp.float32
     remat_policy: str | None = None  # rematerialise each down/up/mid block: see remat.POLICIES
+    remat_norms: bool = False  # recompute each GroupNorm (and its SiLU) in the backward pass
     attention_impl: str | None = None  # "splash": the Pallas TPU kernel; else XLA, chunked
 
     def __post_init__(self) -> None:
@@ -156,7 +163,8 @@ def group_moments(x: jax.Array, num_groups: int, mask: jax.Array | None = None
 
 
 class GroupNorm(nn.Module):
-    """torch ``GroupNorm`` over NHWC; statistics in float32, output in the input's dtype.
+    """torch ``GroupNorm`` over NHWC; statistics in float32, output in the input's dtype, then
+    SiLU where ``silu``.
 
     The statistics come from one of: the whole input; the region inside ``extent`` (see the
     module's docstring); or ``stats``, a given ``(mean, var)`` pair shaped like
@@ -165,6 +173,7 @@ class GroupNorm(nn.Module):
     """
 
     num_groups: int
+    silu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, extent: jax.Array | None = None,
@@ -181,7 +190,15 @@ class GroupNorm(nn.Module):
         # the one-pass variance can round to slightly below 0 (rsqrt would give NaN)
         var = jnp.maximum(var, 0.0)
         h = (h - mean[:, None, :, None]) * jax.lax.rsqrt(var[:, None, :, None] + EPS)
-        return (h.reshape(x.shape) * scale + bias).astype(x.dtype)
+        h = (h.reshape(x.shape) * scale + bias).astype(x.dtype)
+        return nn.silu(h) if self.silu else h
+
+
+@functools.cache
+def norm_class(remat_norms: bool) -> type[GroupNorm]:
+    """``GroupNorm``, or with ``remat_norms`` one whose backward pass recomputes it (nothing
+    of it is stored but its input)."""
+    return nn.remat(GroupNorm, policy=remat.POLICIES["full"]) if remat_norms else GroupNorm
 
 
 class ResnetBlock(nn.Module):
@@ -190,12 +207,14 @@ class ResnetBlock(nn.Module):
     features: int
     groups: int
     dtype: Dtype
+    remat_norms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
-        h = nn.silu(GroupNorm(self.groups, name="norm1")(x, extent))
+        norm = norm_class(self.remat_norms)
+        h = norm(self.groups, silu=True, name="norm1")(x, extent)
         h = Conv(self.features, padding=1, dtype=self.dtype, name="conv1")(zero_outside(h, extent))
-        h = nn.silu(GroupNorm(self.groups, name="norm2")(h, extent))
+        h = norm(self.groups, silu=True, name="norm2")(h, extent)
         h = Conv(self.features, padding=1, dtype=self.dtype, name="conv2")(zero_outside(h, extent))
         if x.shape[-1] != self.features:
             x = Conv(self.features, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
@@ -234,11 +253,13 @@ class Attention(nn.Module):
     groups: int
     dtype: Dtype
     attention_impl: str | None = None
+    remat_norms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         b, height, width, c = x.shape
-        h = GroupNorm(self.groups, name="group_norm")(x, extent).reshape(b, height * width, c)
+        h = norm_class(self.remat_norms)(self.groups, name="group_norm")(x, extent)
+        h = h.reshape(b, height * width, c)
         q, k, v = (Dense(c, dtype=self.dtype, name=name)(h) for name in ("to_q", "to_k", "to_v"))
         keys = None if extent is None else region_mask(extent, height, width).reshape(b, -1)
         if self.attention_impl == "splash":
@@ -308,15 +329,17 @@ class MidBlock(nn.Module):
     add_attention: bool
     dtype: Dtype
     attention_impl: str | None = None
+    remat_norms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, self.dtype, name="resnets.0")(x, extent)
+        resnet = functools.partial(ResnetBlock, c, self.groups, self.dtype, self.remat_norms)
+        x = resnet(name="resnets.0")(x, extent)
         if self.add_attention:
-            x = Attention(self.groups, self.dtype, self.attention_impl, name="attentions.0")(
-                x, extent)
-        return ResnetBlock(c, self.groups, self.dtype, name="resnets.1")(x, extent)
+            x = Attention(self.groups, self.dtype, self.attention_impl, self.remat_norms,
+                          name="attentions.0")(x, extent)
+        return resnet(name="resnets.1")(x, extent)
 
 
 class ResnetStack(nn.Module):
@@ -327,12 +350,14 @@ class ResnetStack(nn.Module):
     groups: int
     resample: str | None  # "down", "up" or None
     dtype: Dtype
+    remat_norms: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, extent: jax.Array | None = None) -> jax.Array:
         """``extent`` is at the input's resolution (the output's is halved or doubled)."""
         for i in range(self.num_layers):
-            x = ResnetBlock(self.features, self.groups, self.dtype, name=f"resnets.{i}")(x, extent)
+            x = ResnetBlock(self.features, self.groups, self.dtype, self.remat_norms,
+                            name=f"resnets.{i}")(x, extent)
         if self.resample == "down":
             x = Downsample(self.dtype, name="downsamplers.0")(x, extent)
         elif self.resample == "up":
@@ -368,14 +393,14 @@ class Encoder(nn.Module):
         for i, c in enumerate(channels):
             down = i < len(channels) - 1
             x = stack(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if down else None,
-                      dtype, name=f"down_blocks.{i}")(x, extent)
+                      dtype, cfg.remat_norms, name=f"down_blocks.{i}")(x, extent)
             x = nn.with_logical_constraint(x, _IMAGES)
             if down and extent is not None:
                 extent = extent // 2
         x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, cfg.attention_impl,
-                name="mid_block")(
+                cfg.remat_norms, name="mid_block")(x, extent)
+        x = norm_class(cfg.remat_norms)(cfg.norm_num_groups, silu=True, name="conv_norm_out")(
             x, extent)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x, extent))
         return Conv(2 * cfg.latent_channels, padding=1, dtype=dtype, name="conv_out")(
             zero_outside(x, extent))
 
@@ -392,16 +417,16 @@ class Decoder(nn.Module):
         stack, mid = _blocks(cfg)
         x = Conv(channels[0], padding=1, dtype=dtype, name="conv_in")(zero_outside(z, extent))
         x = mid(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, cfg.attention_impl,
-                name="mid_block")(
-            x, extent)
+                cfg.remat_norms, name="mid_block")(x, extent)
         for i, c in enumerate(channels):
             up = i < len(channels) - 1
             x = stack(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if up else None,
-                      dtype, name=f"up_blocks.{i}")(x, extent)
+                      dtype, cfg.remat_norms, name=f"up_blocks.{i}")(x, extent)
             x = nn.with_logical_constraint(x, _IMAGES)
             if up and extent is not None:
                 extent = extent * 2
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, name="conv_norm_out")(x, extent))
+        x = norm_class(cfg.remat_norms)(cfg.norm_num_groups, silu=True, name="conv_norm_out")(
+            x, extent)
         return Conv(cfg.out_channels, padding=1, dtype=dtype, name="conv_out")(
             zero_outside(x, extent))
 

@@ -32,12 +32,13 @@ from tsdsr_jax.training.run_config import ConfigError
 
 def networks(model: model_dir.Model, config: ml_collections.ConfigDict) -> Networks:
     """The MMDiT and the VAE in the compute precision, both rematerialised by
-    ``config.remat_policy`` and both with ``config.attention_impl``."""
+    ``config.remat_policy`` and both with ``config.attention_impl``; the VAE recomputes its
+    GroupNorms in the backward pass (``VAEConfig.remat_norms``)."""
     dtype = PRECISIONS[config.precision]
     remat = None if config.remat_policy == "none" else config.remat_policy
     mmdit = MMDiT(dataclasses.replace(model.transformer_config, dtype=dtype, remat_policy=remat,
                                       attention_impl=config.attention_impl))
-    vae = AutoencoderKL(dataclasses.replace(model.vae_config, remat_policy=remat,
+    vae = AutoencoderKL(dataclasses.replace(model.vae_config, remat_policy=remat, remat_norms=True,
                                             dtype=model.vae_config.compute_dtype(dtype),
                                             attention_impl=config.attention_impl))
     return Networks(mmdit, vae)
