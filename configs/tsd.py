@@ -20,9 +20,9 @@ def get_config():
     c.workdir = "workdirs/tsd"
     c.total_steps = 200_000
     c.batch_size = 2                  # global, split over all devices (released: 2 per GPU x 8)
-    # Nothing recomputed: at 2 per GPU and N = 4 the H200 plan peaks at 16.5 GiB (full: 7.9)
-    # and the step's bound drops 274.5 -> 251.6 ms (bench/RESULTS.md). "full" for larger
-    # batches on smaller cards: tsdsr-fit tells.
+    # Nothing recomputed but the VAE's GroupNorms: at 2 per GPU and N = 4 the H200 plan peaks
+    # at 16.4 GiB (full: 7.9) and the step's bound drops 274.5 -> 252.0 ms (bench/RESULTS.md).
+    # "full" for larger batches on smaller cards: tsdsr-fit tells.
     c.remat_policy = "none"
     c.init_student = "random"         # random (peft init) | model (the model dir's student)
     # lora (the model dir's teacher LoRA) | sd3 (plain SD3) | a teacher run's checkpoints folder
