@@ -61,6 +61,7 @@ CASES: dict[str, tuple[str, int, Callable]] = {
     "infer 512² b8, v5p, splash": ("v5p-8", 8, inference("v5p-8", 8, "splash")),
     "infer 512² b8, v6e, splash": ("v6e-8", 8, inference("v6e-8", 8, "splash")),
     "tsd b8, v5e-8 fsdp 8, splash": ("v5e-8", 8, training("v5e-8", 8, 8)),
+    "tsd b8, v5e-8 (no fsdp)": ("v5e-8", 8, training("v5e-8", 8, 1)),
     "tsd b8, v5e-8 fsdp 8, xla": ("v5e-8", 8, training("v5e-8", 8, 8, "xla")),
     "tsd b16, v5e-8 fsdp 8, splash": ("v5e-8", 16, training("v5e-8", 16, 8)),
     "tsd b16, v5e-8 fsdp 8, remat full": ("v5e-8", 16, training("v5e-8", 16, 8, remat="full")),
