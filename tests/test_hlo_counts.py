@@ -1,7 +1,7 @@
 """`tsdsr_jax.aot.plan.hlo_counts` reads the collectives of compiled programs: of XLA's own
-compile over 4 CPU devices, and in the forms of TPU programs (collectives inside fusions,
-instructions whose text runs over several lines, loops without a known trip count); and the
-FLOPs of XLA's convolutions."""
+compile over 4 CPU devices (combined ones too), and in the forms of TPU and GPU programs
+(collectives inside fusions, asynchronous and combined ones, instructions whose text runs over
+several lines, loops without a known trip count); and the FLOPs of XLA's convolutions."""
 
 from __future__ import annotations
 
@@ -36,6 +36,62 @@ def test_collective_bytes_of_a_compiled_program():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all-gather" in done.stdout and "all-reduce" in done.stdout
     assert hlo_counts(done.stdout).collective_bytes == 4096 + 256
+
+
+# One psum of two arrays (XLA combines them into one all-reduce of f32[64] and f32[32]: 384 B)
+# and a ppermute of f32[16] (64 B), each per device.
+COMBINED = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((4,), ("d",))
+def body(a, b, c):
+    pairs = [(i, (i + 1) % 4) for i in range(4)]
+    return (*jax.lax.psum((a, b), "d"), jax.lax.ppermute(c, "d", pairs))
+f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"),) * 3, out_specs=(P("d"),) * 3))
+split = NamedSharding(mesh, P("d"))
+print(f.lower(*[jax.ShapeDtypeStruct((n,), jnp.float32, sharding=split)
+                for n in (256, 128, 64)]).compile().as_text())
+"""
+
+
+def test_a_combined_collective_delivers_all_its_results():
+    done = subprocess.run([sys.executable, "-c", COMBINED], cwd=ROOT, env=cpu_env(4),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(f32[64]{0}, f32[32]{0}) all-reduce(" in done.stdout
+    assert hlo_counts(done.stdout).collective_bytes == 4 * (64 + 32 + 16)
+
+
+# Async starts: a TPU program's collective-permute (libtpu 0.0.48: input, output and two
+# contexts) and combined all-reduce (layouts, an index comment), and a GPU program's combined
+# all-gather ((inputs), (outputs)), as XLA's own tests write it.
+ASYNC_FORMS = """HloModule jit_step, is_scheduled=true
+
+ENTRY %main (p0: f32[2,31,31,256], p1: bf16[1536,64], p2: bf16[64,3072], p3: f32[2], \
+p4: bf16[2]) -> f32[2,31,31,256] {
+  %p0 = f32[2,31,31,256]{3,0,2,1:T(2,128)} parameter(0)
+  %p1 = bf16[1536,64]{0,1:T(8,128)(2,1)} parameter(1)
+  %p2 = bf16[64,3072]{1,0:T(8,128)(2,1)} parameter(2)
+  %p3 = f32[2]{0} parameter(3)
+  %p4 = bf16[2]{0} parameter(4)
+  %collective-permute-start.20 = (f32[2,31,31,256]{3,0,2,1:T(2,128)}, \
+f32[2,31,31,256]{3,0,2,1:T(2,128)S(1)}, u32[]{:S(2)}, u32[]{:S(2)}) \
+collective-permute-start(%p0), channel_id=23, source_target_pairs={{0,1},{1,2},{2,4},{3,6}}
+  %all-reduce.939 = (bf16[1536,64]{0,1:T(8,128)(2,1)}, \
+/*index=1*/bf16[64,3072]{1,0:T(8,128)(2,1)}) all-reduce(%p1, %p2), channel_id=27, \
+replica_groups=[1,8]<=[8], to_apply=%add
+  %start = ((f32[2]{0}, bf16[2]{0}), (f32[4]{0}, bf16[4]{0})) all-gather-start(%p3, %p4), \
+dimensions={0}
+  %done = (f32[4]{0}, bf16[4]{0}) all-gather-done(%start)
+  ROOT %collective-permute-done.20 = f32[2,31,31,256]{3,0,2,1:T(2,128)} \
+collective-permute-done(%collective-permute-start.20)
+}
+"""
+
+
+def test_async_and_combined_collectives_count_their_outputs():
+    permute, reduce, gather = 4 * 2 * 31 * 31 * 256, 2 * (1536 * 64 + 64 * 3072), 4 * 4 + 2 * 4
+    assert hlo_counts(ASYNC_FORMS).collective_bytes == permute + reduce + gather
 
 
 # The shapes of a TPU program's text (libtpu 0.0.48): a Pallas kernel whose config runs over

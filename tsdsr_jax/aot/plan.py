@@ -123,11 +123,28 @@ def _bytes(dtype: str, dims: list[int]) -> int:
     return size * math.prod(dims)
 
 
-def _collective_bytes(result: str) -> int:
-    """The bytes a collective delivers: its (last) result array; an async start's tuple also
-    holds the input."""
-    arrays = _arrays(result)
-    return _bytes(*arrays[-1]) if arrays else 0
+def _tuple_elements(result: str) -> list[str]:
+    """The top-level elements of a result's shape text (itself if it is not a tuple), with the
+    layouts (``{1,0:T(8,128)}``) and comments (``/*index=5*/``) left out."""
+    text = re.sub(r"\{[^{}]*\}|/\*.*?\*/", "", result).strip()
+    if not text.startswith("("):
+        return [text]
+    elements, depth, start = [], 0, 1
+    for i, char in enumerate(text):
+        depth += (char in "([") - (char in ")]")
+        if (char == "," and depth == 1) or (char == ")" and depth == 0):
+            elements.append(text[start:i].strip())
+            start = i + 1
+    return elements
+
+
+def _collective_bytes(result: str, op: str) -> int:
+    """The bytes a collective delivers: all of its results (a combined collective has several).
+    The tuple of an async all-gather or collective-permute start is (inputs, outputs, and a
+    permute's contexts); only the outputs count."""
+    if op in ("all-gather-start", "collective-permute-start"):
+        result = _tuple_elements(result)[1]
+    return sum(_bytes(dtype, dims) for dtype, dims in _arrays(result))
 
 
 def _computations(text: str) -> tuple[dict[str, list[tuple]], str]:
@@ -251,7 +268,7 @@ def _delivered(result: str, op: str, rest: str, computations: dict[str, list[tup
     collectives inside the computations it calls (GPU's async wrappers; TPU's collective
     fusions)."""
     if op.removesuffix("-start") in _COLLECTIVES:
-        return _collective_bytes(result)
+        return _collective_bytes(result, op)
     return sum(_delivered(inner_result, inner_op, inner_rest, computations)
                for called in re.findall(r"calls=%?([\w.\-]+)", rest)
                for _, inner_result, inner_op, inner_rest in computations.get(called, []))
