@@ -177,3 +177,18 @@ def test_convolution_flops_of_a_compiled_program():
     text = conv.lower(x, w).compile().as_text()
     assert " convolution(" in text
     assert hlo_counts(text).flops == 2 * (2 * 9 * 11 * 7) * (3 * 3 * 5)
+
+
+def test_flops_of_a_convolution_of_a_dilated_input():
+    """A 2x3 window over an input dilated 2x3 (the form of a strided convolution's input gradient
+    and of a TPU's batched matmul) meets one real input per output; the real taps are counted by
+    the same convolution of ones."""
+    shape = dict(window_strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(2, 3),
+                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.ShapeDtypeStruct((2, 9, 11, 5), jnp.float32)
+    w = jax.ShapeDtypeStruct((2, 3, 5, 7), jnp.float32)
+    text = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, **shape)).lower(
+        x, w).compile().as_text()
+    assert "lhs_dilate=2x3" in text
+    taps = jax.lax.conv_general_dilated(jnp.ones((1, 9, 11, 1)), jnp.ones((2, 3, 1, 1)), **shape)
+    assert hlo_counts(text).flops == 2 * 2 * float(taps.sum()) * 5 * 7

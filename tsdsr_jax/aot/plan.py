@@ -177,8 +177,14 @@ def _flops(op: str, result: str, rest: str, shapes: dict[str, list[int]],
         return 2.0 * math.prod(out) * k
     if op == "convolution":  # XLA's own (TPU): a GEMM too; per output, the filter less "o"
         labels, kernel = re.search(r"dim_labels=\w+_(\w+)->", rest), dims(1)
+        if not (labels and kernel):
+            return 0.0
+        # A dilated input (a strided convolution's input gradient; a TPU's batched matmul, its
+        # batch as window dimensions) is mostly inserted zeros: a window meets 1/d of its taps.
+        dilation = re.search(r"lhs_dilate=([\dx]+)", rest)
+        zeros = math.prod(int(d) for d in dilation.group(1).split("x")) if dilation else 1
         return 2.0 * math.prod(out) * math.prod(kernel) / kernel[labels.group(1).index("o")] \
-            if labels and kernel else 0.0
+            / zeros
     if op == "fusion":
         called = re.search(r"calls=%?([\w.\-]+)", rest)
         return sum(_flops(op, result, rest, shapes, computations)
