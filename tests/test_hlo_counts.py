@@ -1,7 +1,8 @@
 """`tsdsr_jax.aot.plan.hlo_counts` reads the collectives of compiled programs: of XLA's own
 compile over 4 CPU devices (combined ones too), and in the forms of TPU and GPU programs
 (collectives inside fusions, asynchronous and combined ones, instructions whose text runs over
-several lines, loops without a known trip count); and the FLOPs of XLA's convolutions."""
+several lines, loops without a known trip count); and the FLOPs of XLA's convolutions, as
+XLA's own cost analysis counts them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 from test_sharding import cpu_env
 
 from tsdsr_jax.aot.plan import hlo_counts
@@ -167,28 +169,43 @@ def test_a_tpu_loop_counts_its_trips():
     assert counts.kernels == 1 + 3 * 2  # the copy; the dot and the add, each trip
 
 
-def test_convolution_flops_of_a_compiled_program():
-    """A 3x3 convolution of 5 to 7 channels on 2 images of 9x11 (same padding), in XLA's own
-    `convolution` op (the form a TPU program's GEMMs take too)."""
+CONVOLUTIONS = {
+    "same padding": dict(padding="SAME"),
+    "strided": dict(padding="SAME", window_strides=(2, 2)),
+    "dilated input": dict(padding=((0, 0), (0, 0)), lhs_dilation=(2, 3)),
+    "padded, both dilated": dict(padding=((1, 2), (0, 1)), lhs_dilation=(2, 1),
+                                 rhs_dilation=(1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_convolution_flops_are_xlas_own(name):
+    """A 3x3 convolution of 5 to 7 channels on 2 images of 9x11, in XLA's own `convolution` op
+    (the form a TPU program's GEMMs take too): the FLOPs of XLA's own cost analysis, which counts
+    only the taps that meet real inputs (not padding, not a dilated input's zeros)."""
     x = jax.ShapeDtypeStruct((2, 9, 11, 5), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 5, 7), jnp.float32)
+    args = dict(window_strides=(1, 1), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    text = conv.lower(x, w).compile().as_text()
-    assert " convolution(" in text
-    assert hlo_counts(text).flops == 2 * (2 * 9 * 11 * 7) * (3 * 3 * 5)
+        x, w, **args | CONVOLUTIONS[name])).lower(x, w).compile()
+    assert " convolution(" in conv.as_text()
+    assert hlo_counts(conv.as_text()).flops == xla_flops(conv) > 0
 
 
-def test_flops_of_a_convolution_of_a_dilated_input():
-    """A 2x3 window over an input dilated 2x3 (the form of a strided convolution's input gradient
-    and of a TPU's batched matmul) meets one real input per output; the real taps are counted by
-    the same convolution of ones."""
-    shape = dict(window_strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(2, 3),
-                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    x = jax.ShapeDtypeStruct((2, 9, 11, 5), jnp.float32)
-    w = jax.ShapeDtypeStruct((2, 3, 5, 7), jnp.float32)
-    text = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, **shape)).lower(
-        x, w).compile().as_text()
-    assert "lhs_dilate=2x3" in text
-    taps = jax.lax.conv_general_dilated(jnp.ones((1, 9, 11, 1)), jnp.ones((2, 3, 1, 1)), **shape)
-    assert hlo_counts(text).flops == 2 * 2 * float(taps.sum()) * 5 * 7
+def test_a_batched_matmul_as_a_tpu_writes_it():
+    """XLA's TPU compiler writes attention's einsum BNTS,BSNH->BTNH as a convolution whose batch
+    dimensions (B, N) are window dimensions over an input dilated by the window's size (window
+    4x3, stride 3x2): one real tap per output, 2*B*N*T*S*H FLOPs."""
+    b, n, t, s, h = 4, 3, 6, 5, 2
+    lhs = jax.ShapeDtypeStruct((b, s, n, h), jnp.float32)     # dims 0, f, 1, b
+    kernel = jax.ShapeDtypeStruct((b, n, t, s), jnp.float32)  # dims 0, 1, o, i
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, window_strides=(3, 2), padding=((0, 0), (0, 0)), lhs_dilation=(b, n),
+        dimension_numbers=("HCWN", "HWOI", "HWNC"))).lower(lhs, kernel).compile()
+    assert "lhs_dilate=4x3" in conv.as_text()
+    assert hlo_counts(conv.as_text()).flops == xla_flops(conv) == 2 * b * n * t * s * h
+
+
+def xla_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]

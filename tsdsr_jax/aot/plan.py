@@ -165,6 +165,40 @@ def _computations(text: str) -> tuple[dict[str, list[tuple]], str]:
     return computations, entry
 
 
+def _window_taps(size: int, out: int, window: int, stride: int, pad: int, lhs_dilate: int,
+                 rhs_dilate: int) -> int:
+    """How many of a window's taps, summed over the outputs along one dimension, meet a real
+    input, not padding nor the zeros of a dilated input."""
+    last = (size - 1) * lhs_dilate
+    return sum(1 for o in range(out) for j in range(window)
+               if 0 <= (p := o * stride + j * rhs_dilate - pad) <= last and p % lhs_dilate == 0)
+
+
+def _convolution_flops(rest: str, out: list[int], lhs: list[int], kernel: list[int]) -> float:
+    """Multiply-adds of XLA's convolution, counting only the taps that meet real inputs: a TPU
+    writes a batched matmul as a convolution whose batch dimensions are padded or dilated
+    window dimensions, mostly zeros."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+    if not (labels and lhs and kernel and out):
+        return 0.0
+    lhs_labels, kernel_labels, out_labels = labels.groups()
+    spatial = [c for c in kernel_labels if c.isdigit()]
+    attributes = re.search(r"window=\{([^}]*)\}", rest)
+    window = dict(re.findall(r"(\w+)=([\d_x-]+)", attributes.group(1) if attributes else ""))
+
+    def along(key: str, default: str) -> list[str]:
+        return window.get(key, "x".join([default] * len(spatial))).split("x")
+
+    taps = math.prod(
+        _window_taps(lhs[lhs_labels.index(d)], out[out_labels.index(d)], int(size), int(stride),
+                     int(pad.split("_")[0]), int(lhs_d), int(rhs_d))
+        for d, size, stride, pad, lhs_d, rhs_d in zip(
+            spatial, along("size", "1"), along("stride", "1"), along("pad", "0_0"),
+            along("lhs_dilate", "1"), along("rhs_dilate", "1")))
+    return 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] \
+        * kernel[kernel_labels.index("i")] * taps
+
+
 def _flops(op: str, result: str, rest: str, shapes: dict[str, list[int]],
            computations: dict[str, list[tuple]]) -> float:
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
@@ -175,16 +209,8 @@ def _flops(op: str, result: str, rest: str, shapes: dict[str, list[int]],
         k = math.prod(dims(0)[int(i)] for i in contracting.group(1).split(",") if i) \
             if contracting and dims(0) else 1
         return 2.0 * math.prod(out) * k
-    if op == "convolution":  # XLA's own (TPU): a GEMM too; per output, the filter less "o"
-        labels, kernel = re.search(r"dim_labels=\w+_(\w+)->", rest), dims(1)
-        if not (labels and kernel):
-            return 0.0
-        # A dilated input (a strided convolution's input gradient; a TPU's batched matmul, its
-        # batch as window dimensions) is mostly inserted zeros: a window meets 1/d of its taps.
-        dilation = re.search(r"lhs_dilate=([\dx]+)", rest)
-        zeros = math.prod(int(d) for d in dilation.group(1).split("x")) if dilation else 1
-        return 2.0 * math.prod(out) * math.prod(kernel) / kernel[labels.group(1).index("o")] \
-            / zeros
+    if op == "convolution":  # XLA's own (TPU): a GEMM too
+        return _convolution_flops(rest, out, dims(0), dims(1))
     if op == "fusion":
         called = re.search(r"calls=%?([\w.\-]+)", rest)
         return sum(_flops(op, result, rest, shapes, computations)
